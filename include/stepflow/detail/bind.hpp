@@ -1,0 +1,69 @@
+#pragma once
+/// \file
+/// Turning `add_step_closure(f, args...)` into one `closure`. Not part of the public API.
+
+#include <functional>
+#include <stdexcept>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "stepflow/closure.hpp"
+
+namespace stepflow::detail {
+
+template <class T>
+struct is_std_function : std::false_type {};
+template <class Sig>
+struct is_std_function<std::function<Sig>> : std::true_type {};
+
+/// Rejects what would only fail later, on a worker thread: a null function or member pointer,
+/// an empty `std::function` or an empty `stepflow::closure`.
+template <class D>
+void check_not_null(const D& f) {
+  if constexpr (std::is_pointer_v<D> || std::is_member_pointer_v<D>) {
+    if (f == nullptr) throw std::invalid_argument("stepflow: add_step_closure got a null function pointer");
+  } else if constexpr (is_std_function<D>::value) {
+    if (!f) throw std::invalid_argument("stepflow: add_step_closure got an empty std::function");
+  } else if constexpr (std::is_same_v<D, closure>) {
+    if (!f) throw std::invalid_argument("stepflow: add_step_closure got an empty stepflow::closure");
+  }
+}
+
+/// `f` with its decay-copied arguments. Called once, so arguments are passed as rvalues when `f`
+/// accepts them (move-only arguments work) and as lvalues otherwise (parameters of type `T&`).
+template <class F, class... Args>
+struct bound_call {
+  F f;
+  std::tuple<Args...> args;
+
+  void operator()() {
+    if constexpr (std::is_invocable_v<F&&, Args&&...>) {
+      std::apply([this](Args&... a) { std::invoke(std::move(f), std::move(a)...); }, args);
+    } else {
+      std::apply([this](Args&... a) { std::invoke(f, a...); }, args);
+    }
+  }
+};
+
+template <class F, class... Args>
+inline constexpr bool is_step_closure_v =
+    std::is_invocable_v<std::decay_t<F>&&, std::decay_t<Args>&&...> ||
+    std::is_invocable_v<std::decay_t<F>&, std::decay_t<Args>&...>;
+
+template <class F, class... Args>
+closure make_closure(F&& f, Args&&... args) {
+  static_assert(is_step_closure_v<F, Args...>,
+                "stepflow: the step closure cannot be called with these arguments "
+                "(they are decay-copied when added and passed to it once)");
+  using D = std::decay_t<F>;
+  check_not_null<D>(f);
+  if constexpr (sizeof...(Args) == 0 && !std::is_member_pointer_v<D>) {
+    return closure(std::forward<F>(f));
+  } else {
+    return closure(bound_call<D, std::decay_t<Args>...>{std::forward<F>(f),
+                                                         {std::forward<Args>(args)...}});
+  }
+}
+
+}  // namespace stepflow::detail

@@ -1,0 +1,67 @@
+#pragma once
+/// \file
+/// `stepflow::options`: every setting of a scheduler, as a value type with defaults.
+
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace stepflow {
+
+/// What one device left behind when its scheduler was destroyed.
+struct device_shutdown_report {
+  std::string device;
+  /// An asynchronous failure no step end or flush reported, or null.
+  std::exception_ptr unreported_error;
+  /// Asynchronous closures discarded behind that failure (fail-stop).
+  std::size_t discarded = 0;
+  /// Closures added but never taken by a step end (sync and async); destroyed without running.
+  std::size_t never_run = 0;
+};
+
+/// Handed to `options::on_shutdown_report` when a scheduler is destroyed with something to report.
+struct shutdown_report {
+  std::vector<device_shutdown_report> devices;  ///< only the devices with something to report
+  bool empty() const noexcept { return devices.empty(); }
+};
+
+struct options {
+  /// Asynchronous closures pending (handed over by a step end, not yet started) per device;
+  /// a step end blocks while its device is full. 0 means unbounded.
+  std::size_t max_queue_size = 100;
+
+  /// Run asynchronous closures inline at the step end too (before the sync ones, each in the
+  /// order added); their exceptions then propagate like sync ones. For debugging and tests.
+  bool sync_mode = false;
+
+  /// Name of the device that `get_device_context()` and the free functions use.
+  std::string default_device = "default";
+
+  /// Run asynchronous closures in an arena of `tbb::task_arena::priority::low`, so they yield
+  /// oneTBB's workers to the application's own arenas.
+  bool low_priority = false;
+
+  /// Write the shutdown report (unreported failures, never-run closures) to stderr.
+  bool report_to_stderr = true;
+
+  /// Called from `~scheduler` when there is something to report; must not throw (an exception
+  /// from it is swallowed, since the destructor cannot throw).
+  std::function<void(const shutdown_report&)> on_shutdown_report;
+
+  /// The defaults, then the environment: `LTC_MAX_ASYNC_QUEUE` (integer; 0 or negative means
+  /// unbounded) and `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty).
+  /// Throws `config_error` naming the variable and its value when a value does not parse.
+  static options from_env();
+};
+
+namespace detail {
+/// Parses an `LTC_MAX_ASYNC_QUEUE` value: surrounding white space, an optional sign, decimal
+/// digits, within `std::int64_t`. Non-positive means unbounded (0). Throws `config_error`.
+std::size_t parse_max_queue_size(const char* variable, const std::string& value);
+/// Parses a boolean switch such as `STEPFLOW_SYNC`. Throws `config_error`.
+bool parse_switch(const char* variable, const std::string& value);
+}  // namespace detail
+
+}  // namespace stepflow

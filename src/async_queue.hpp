@@ -1,0 +1,123 @@
+#pragma once
+// One device's asynchronous closures: a bounded FIFO of step batches, drained one closure at a
+// time by a single drainer, with fail-stop error handling and flush tickets.
+//
+// Who drains: whoever holds the `draining_` role. Normally a oneTBB task enqueued into the
+// scheduler's arena; but a thread that must wait (a full queue, a flush) and finds nobody
+// draining takes the role and runs closures itself. That is what makes every wait deadlock-free
+// without depending on a free worker: with one TBB thread, from inside a parallel_pipeline
+// filter, or while all workers are busy. Exactly one holder at a time keeps the order FIFO.
+//
+// Knows nothing of device names, steps across devices or the environment.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include <oneapi/tbb/task_arena.h>
+#include <oneapi/tbb/task_group.h>
+
+#include "closure_batch.hpp"
+
+namespace stepflow::detail {
+
+/// A failure taken for reporting: the closure's exception and what was discarded behind it.
+struct async_failure {
+  std::exception_ptr error;
+  std::size_t discarded = 0;
+};
+
+/// Totals since construction. Read without locking; each is exact once the queue is idle.
+struct async_queue_counts {
+  std::uint64_t handed_over = 0;  // accepted into the queue
+  std::uint64_t ran = 0;          // started and returned or threw
+  std::uint64_t failed = 0;       // threw
+  std::uint64_t discarded = 0;    // never started: queued behind a failure
+  std::size_t pending = 0;        // handed over, not yet started
+  std::size_t high_water = 0;     // largest `pending` seen
+};
+
+class async_queue {
+ public:
+  /// `capacity` 0 means unbounded. `pool` recycles batch buffers; both outlive the queue.
+  async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool);
+  /// Precondition: `shutdown()` was called.
+  ~async_queue();
+  async_queue(const async_queue&) = delete;
+  async_queue& operator=(const async_queue&) = delete;
+
+  /// Queues `batch` behind everything handed over before. Blocks while the queue is full
+  /// (running closures itself when nobody drains), except inside an asynchronous closure, where
+  /// it never blocks. After a failure is recorded and until it is taken, hands nothing over:
+  /// the closures are discarded and counted with the failure.
+  void hand_over(closure_batch&& batch);
+
+  /// Blocks until every closure handed over before the call ran or was discarded, running
+  /// closures itself when nobody drains. Precondition: not inside an asynchronous closure.
+  void wait_for_handed_over();
+
+  /// The recorded failure, if any, exactly once; the queue then accepts closures again.
+  std::optional<async_failure> take_failure();
+
+  async_queue_counts counts() const noexcept;
+
+  /// Waits until nothing is queued or running, running closures itself when nobody drains.
+  /// Never throws. Precondition: not inside an asynchronous closure.
+  void wait_for_idle() noexcept;
+
+  /// `wait_for_idle()`, then waits for every drainer task to end. Never throws.
+  void shutdown() noexcept;
+
+ private:
+  using lock_type = std::unique_lock<std::mutex>;
+
+  bool full() const noexcept;
+  void enqueue_locked(closure_batch&& batch, lock_type& lock);
+  void schedule_drainer_locked();
+  void run_drainer_task() noexcept;
+  template <class Stop>
+  void drain_locked(lock_type& lock, Stop stop) noexcept;
+  void release_drain_role_locked() noexcept;
+  template <class Done>
+  void wait_until(lock_type& lock, Done done) noexcept;
+  void run_batch(closure_batch& batch) noexcept;
+  void record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next) noexcept;
+  void finished(std::size_t ran, std::size_t discarded) noexcept;
+  void notify_waiters() noexcept;
+
+  tbb::task_arena& arena_;
+  batch_pool& pool_;
+  const std::size_t capacity_;
+
+  tbb::task_group_context context_{tbb::task_group_context::isolated};
+  tbb::task_group drainer_tasks_{context_};
+
+  mutable std::mutex mutex_;
+  std::condition_variable progress_;  // room, finished closures, or the drain role freed
+  // Guarded by mutex_:
+  std::vector<closure_batch> ring_;  // FIFO of batches, a ring so steady state never allocates
+  std::size_t ring_head_ = 0;
+  std::size_t ring_size_ = 0;
+  bool draining_ = false;      // someone holds the right to run closures
+  bool task_pending_ = false;  // a drainer task is enqueued and has not started
+  std::exception_ptr failure_;
+  bool failed_ = false;  // fail-stop: from the failure until it is taken
+  std::size_t discarded_since_failure_ = 0;
+
+  // Atomics: read without the lock by waiters and counters.
+  alignas(64) std::atomic<std::size_t> pending_{0};
+  std::atomic<std::uint64_t> handed_over_{0};
+  std::atomic<std::uint64_t> finished_{0};  // ran or discarded
+  std::atomic<std::uint64_t> ran_count_{0};
+  std::atomic<std::uint64_t> failed_count_{0};
+  std::atomic<std::uint64_t> discarded_count_{0};
+  std::atomic<std::size_t> high_water_{0};
+  std::atomic<int> waiters_{0};
+};
+
+}  // namespace stepflow::detail

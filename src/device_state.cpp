@@ -1,0 +1,149 @@
+#include "device_state.hpp"
+
+#include <exception>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "error_reporting.hpp"
+#include "liveness.hpp"
+#include "stepflow/errors.hpp"
+#include "thread_frames.hpp"
+
+namespace stepflow::detail {
+
+device_state::device_state(stepflow::scheduler& owner, std::string name, const options& opts,
+                           tbb::task_arena& arena)
+    : context_(*this),
+      owner_(owner),
+      name_(std::move(name)),
+      sync_mode_(opts.sync_mode),
+      queue_(arena, opts.max_queue_size, pool_) {
+  mark_alive(&context_);
+}
+
+device_state::~device_state() { mark_dead(&context_); }
+
+void device_state::push(closure&& c, bool async) {
+  (async ? async_pending_ : sync_pending_).push(std::move(c));
+}
+
+void device_state::report_async_failure() {
+  if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
+}
+
+void device_state::run_step_closures() {
+  if (sync_frame::inside(this)) {
+    throw error(fmt::format(
+        "run_step_closures() on device '{}' was called from inside one of that device's "
+        "synchronous closures: a step cannot end inside itself (end it after the closure "
+        "returns, or from an asynchronous closure)",
+        name_));
+  }
+  // Reported before anything is taken: the call that reports a failure has no other effect.
+  report_async_failure();
+
+  closure_batch async_batch = pool_.acquire();
+  closure_batch sync_batch = pool_.acquire();
+  {
+    std::lock_guard lock(take_mutex_);
+    async_pending_.take(async_batch);
+    sync_pending_.take(sync_batch);
+    step_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  if (sync_mode_) {
+    run_inline(async_batch, &sync_batch);
+  } else {
+    // Handed over before the sync closures run, so the worker starts on them meanwhile.
+    queue_.hand_over(std::move(async_batch));
+    run_inline(sync_batch, nullptr);
+  }
+}
+
+void device_state::run_inline(closure_batch& first, closure_batch* second) {
+  std::exception_ptr failure;
+  std::uint64_t ran = 0;
+  std::uint64_t dropped = 0;
+  auto run_all = [&](closure_batch& batch) {
+    for (closure& c : batch) {
+      if (failure) {
+        c.reset();
+        ++dropped;
+        continue;
+      }
+      ++ran;
+      try {
+        c();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      c.reset();
+    }
+  };
+  const auto body = [&] {
+    sync_frame frame(this);
+    run_all(first);
+    if (second != nullptr) run_all(*second);
+  };
+  // run_and_wait executes the body on this thread (it is never spawned, so never stolen), and
+  // isolation keeps the wait from picking up unrelated tasks, which inside a parallel_pipeline
+  // filter would re-enter the user's filters.
+  if (!sync_group_busy_.exchange(true, std::memory_order_acquire)) {
+    struct release_group {
+      std::atomic<bool>& busy;
+      ~release_group() { busy.store(false, std::memory_order_release); }
+    } release{sync_group_busy_};
+    tbb::this_task_arena::isolate([&] { sync_group_.run_and_wait(body); });
+  } else {
+    tbb::task_group_context context(tbb::task_group_context::isolated);
+    tbb::task_group group(context);
+    tbb::this_task_arena::isolate([&] { group.run_and_wait(body); });
+  }
+  sync_ran_.fetch_add(ran, std::memory_order_relaxed);
+  sync_dropped_.fetch_add(dropped, std::memory_order_relaxed);
+  pool_.release(std::move(first));
+  if (second != nullptr) pool_.release(std::move(*second));
+  if (failure) {
+    sync_failed_.fetch_add(1, std::memory_order_relaxed);
+    // The same exception object, unchanged.
+    std::rethrow_exception(failure);
+  }
+}
+
+void device_state::flush() {
+  if (async_frame::active()) {
+    throw error(fmt::format(
+        "flush() on device '{}' was called from inside an asynchronous closure: it could wait "
+        "for itself. Flush from outside the closure",
+        name_));
+  }
+  queue_.wait_for_handed_over();
+  report_async_failure();
+}
+
+sync_counts device_state::sync_totals() const noexcept {
+  return {sync_ran_.load(std::memory_order_relaxed), sync_failed_.load(std::memory_order_relaxed),
+          sync_dropped_.load(std::memory_order_relaxed)};
+}
+
+void device_state::drain_for_shutdown() noexcept { queue_.wait_for_idle(); }
+
+device_shutdown_report device_state::finish_shutdown() noexcept {
+  queue_.shutdown();
+  device_shutdown_report report;
+  report.device = name_;
+  if (auto failure = queue_.take_failure()) {
+    report.unreported_error = failure->error;
+    report.discarded = failure->discarded;
+  }
+  closure_batch never_run;
+  {
+    std::lock_guard lock(take_mutex_);
+    sync_pending_.take(never_run);
+    async_pending_.take(never_run);
+  }
+  report.never_run = never_run.size();
+  return report;
+}
+
+}  // namespace stepflow::detail

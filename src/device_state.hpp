@@ -1,0 +1,86 @@
+#pragma once
+// One device: its pending closures, its step end, its asynchronous queue.
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include <oneapi/tbb/task_arena.h>
+#include <oneapi/tbb/task_group.h>
+
+#include "async_queue.hpp"
+#include "closure_batch.hpp"
+#include "pending_closures.hpp"
+#include "stepflow/device_context.hpp"
+#include "stepflow/options.hpp"
+
+namespace stepflow::detail {
+
+/// Totals of one device's synchronous side.
+struct sync_counts {
+  std::uint64_t ran = 0;      // started (returned or threw)
+  std::uint64_t failed = 0;   // threw
+  std::uint64_t dropped = 0;  // skipped: behind a failure in the same step
+};
+
+class device_state {
+ public:
+  device_state(stepflow::scheduler& owner, std::string name, const options& opts,
+               tbb::task_arena& arena);
+  ~device_state();
+  device_state(const device_state&) = delete;
+  device_state& operator=(const device_state&) = delete;
+
+  device_context& context() noexcept { return context_; }
+  const std::string& name() const noexcept { return name_; }
+  stepflow::scheduler& owner() const noexcept { return owner_; }
+
+  void push(closure&& c, bool async);
+  void run_step_closures();
+  void flush();
+  std::uint64_t step() const noexcept { return step_.load(std::memory_order_acquire); }
+
+  /// The flush without the report, for `scheduler::flush`.
+  void wait_for_async() { queue_.wait_for_handed_over(); }
+  /// Throws `async_closure_error` if a failure awaits its report.
+  void report_async_failure();
+
+  /// First half of shutdown: waits until the queue is idle. Never throws.
+  void drain_for_shutdown() noexcept;
+  /// Second half: joins the queue's tasks and collects what was never reported or run.
+  device_shutdown_report finish_shutdown() noexcept;
+
+  async_queue_counts async_counts() const noexcept { return queue_.counts(); }
+  sync_counts sync_totals() const noexcept;
+
+ private:
+  void run_inline(closure_batch& first, closure_batch* second);
+
+  device_context context_;
+  stepflow::scheduler& owner_;
+  const std::string name_;
+  const bool sync_mode_;
+
+  batch_pool pool_;
+  pending_closures sync_pending_;
+  pending_closures async_pending_;
+  std::mutex take_mutex_;  // one step end takes closures at a time
+  std::atomic<std::uint64_t> step_{0};
+
+  // The device's task group for sync work. Isolated: a bound context would attach to the first
+  // caller's context and be cancelled when, say, the user's pipeline that called us throws.
+  tbb::task_group_context sync_context_{tbb::task_group_context::isolated};
+  tbb::task_group sync_group_{sync_context_};
+  // task_group::wait is not thread-safe (oneTBB #1759): a second step end running at the same
+  // time uses a group of its own.
+  std::atomic<bool> sync_group_busy_{false};
+
+  std::atomic<std::uint64_t> sync_ran_{0};
+  std::atomic<std::uint64_t> sync_failed_{0};
+  std::atomic<std::uint64_t> sync_dropped_{0};
+
+  async_queue queue_;
+};
+
+}  // namespace stepflow::detail
