@@ -13,6 +13,8 @@ namespace {
 // overlapping (measured on the prototype, see docs/architecture.md).
 constexpr std::size_t release_every = 16;
 constexpr std::size_t initial_ring_slots = 8;
+// Only its address is used, as a ThreadSanitizer synchronisation key.
+[[maybe_unused]] char tsan_handoff_key;
 }  // namespace
 
 async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool)
@@ -89,14 +91,25 @@ void async_queue::enqueue_locked(closure_batch&& batch, lock_type&) {
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
-  tsan_release(this);
   // The task only claims the drain role; it must never throw (an exception escaping an enqueued
   // task aborts the process), and run_drainer_task is noexcept.
-  arena_.enqueue(drainer_tasks_.defer([this] { run_drainer_task(); }));
+  // TSan: the task object is written here and read by a worker through oneTBB's uninstrumented
+  // queues, so the hand-over is announced after the task is built and acquired before the lambda
+  // reads its capture. The key is the task-independent `tsan_handoff_key`, because the capture
+  // itself cannot be read before the acquire.
+  // oneTBB also recycles task memory between threads, so the end of each task releases the same
+  // key and the next task's construction acquires it.
+  tsan_acquire(&tsan_handoff_key);
+  tbb::task_handle task = drainer_tasks_.defer([this] {
+    tsan_acquire(&tsan_handoff_key);
+    run_drainer_task();
+    tsan_release(&tsan_handoff_key);
+  });
+  tsan_release(&tsan_handoff_key);
+  arena_.enqueue(std::move(task));
 }
 
 void async_queue::run_drainer_task() noexcept {
-  tsan_acquire(this);
   lock_type lock(mutex_);
   task_pending_ = false;
   // A waiting thread took the role meanwhile; it reschedules a task if it leaves work behind.

@@ -1,0 +1,452 @@
+// device_context: capture rules, step membership, sync and async semantics, failure reporting.
+
+#include <stepflow/stepflow.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "support/tbb_threads.hpp"
+
+namespace stepflow {
+namespace {
+
+options quiet_options(std::size_t max_queue = 100) {
+  options o;
+  o.max_queue_size = max_queue;
+  o.report_to_stderr = false;
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capture
+
+TEST(Capture, ArgumentsAreDecayCopiedWhenAdded) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  int value = 1;
+  int seen = 0;
+  d.add_step_closure([&seen](int v) { seen = v; }, value);
+  value = 2;
+  d.run_step_closures();
+  EXPECT_EQ(seen, 1);
+}
+
+TEST(Capture, StdRefPassesAReference) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  int counter = 0;
+  d.add_step_closure([](int& c) { c += 5; }, std::ref(counter));
+  d.run_step_closures();
+  EXPECT_EQ(counter, 5);
+}
+
+TEST(Capture, MoveOnlyCallablesAndArgumentsWork) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  int seen = 0;
+  std::atomic<int> seen_async{0};  // written on a worker while the sync closures run
+  d.add_step_closure([p = std::make_unique<int>(3), &seen] { seen += *p; });
+  d.add_step_closure([&seen](std::unique_ptr<int> p) { seen += *p; }, std::make_unique<int>(4));
+  d.add_step_closure(run_async, [&seen_async](std::unique_ptr<int> p) { seen_async += *p; },
+                     std::make_unique<int>(10));
+  d.run_step_closures();
+  d.flush();
+  EXPECT_EQ(seen, 7);
+  EXPECT_EQ(seen_async.load(), 10);
+}
+
+TEST(Capture, ReturnValueIsIgnoredAndFunctionPointersWork) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  static int calls = 0;
+  calls = 0;
+  int (*fn)(int) = [](int x) { return calls += x; };
+  d.add_step_closure(fn, 2);
+  d.add_step_closure([] { return std::string("ignored"); });
+  d.run_step_closures();
+  EXPECT_EQ(calls, 2);
+}
+
+TEST(Capture, MemberFunctionsTakeTheObjectAsFirstArgument) {
+  struct counter {
+    int n = 0;
+    void add(int k) { n += k; }
+  };
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  counter c;
+  d.add_step_closure(&counter::add, &c, 4);
+  d.run_step_closures();
+  EXPECT_EQ(c.n, 4);
+}
+
+TEST(Capture, NullCallablesAreRejectedWhenAdded) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  void (*null_fn)() = nullptr;
+  std::function<void()> empty;
+  void (std::string::*null_member)() = nullptr;
+  EXPECT_THROW(d.add_step_closure(null_fn), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(empty), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(run_async, null_fn), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(run_async, empty), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(null_member, std::string()), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(closure{}), std::invalid_argument);
+  // Nothing was queued: the step end runs nothing and the device still works.
+  int ran = 0;
+  d.add_step_closure([&] { ++ran; });
+  d.run_step_closures();
+  d.flush();
+  EXPECT_EQ(ran, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sync closures
+
+TEST(Sync, RunInOrderOnTheCallingThreadBeforeTheStepEndReturns) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  std::vector<int> order;
+  const auto caller = std::this_thread::get_id();
+  bool all_on_caller = true;
+  for (int i = 0; i < 1000; ++i) {
+    d.add_step_closure([&, i] {
+      order.push_back(i);
+      all_on_caller = all_on_caller && std::this_thread::get_id() == caller;
+    });
+  }
+  d.run_step_closures();
+  ASSERT_EQ(order.size(), 1000u);
+  for (int i = 0; i < 1000; ++i) EXPECT_EQ(order[static_cast<std::size_t>(i)], i);
+  EXPECT_TRUE(all_on_caller);
+  EXPECT_EQ(d.step(), 1u);
+}
+
+struct tagged_error {
+  int tag;
+};
+
+TEST(Sync, FirstExceptionPropagatesUnchangedAndTheRestAreDropped) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  const tagged_error* thrown = nullptr;
+  int after = 0;
+  int destroyed_unrun = 0;
+  struct on_destroy {
+    int* counter;
+    on_destroy(int* c) : counter(c) {}
+    on_destroy(on_destroy&& o) noexcept : counter(std::exchange(o.counter, nullptr)) {}
+    ~on_destroy() {
+      if (counter != nullptr) ++*counter;
+    }
+  };
+  d.add_step_closure([&] {
+    try {
+      throw tagged_error{7};
+    } catch (tagged_error& e) {
+      thrown = &e;
+      throw;
+    }
+  });
+  d.add_step_closure([&, guard = on_destroy(&destroyed_unrun)] { ++after; });
+  try {
+    d.run_step_closures();
+    ADD_FAILURE() << "no exception";
+  } catch (tagged_error& e) {
+    EXPECT_EQ(e.tag, 7);
+    EXPECT_EQ(&e, thrown) << "not the same exception object";
+  }
+  EXPECT_EQ(after, 0);
+  EXPECT_EQ(destroyed_unrun, 1) << "dropped closures must be destroyed";
+  EXPECT_EQ(d.step(), 1u) << "a step whose sync closure threw still counts";
+  // Dropped, not deferred: the next step does not run it.
+  d.run_step_closures();
+  EXPECT_EQ(after, 0);
+}
+
+TEST(Sync, ClosuresAddedDuringAStepEndBelongToTheNextOne) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  std::vector<std::string> log;
+  d.add_step_closure([&] {
+    log.push_back("first");
+    d.add_step_closure([&] { log.push_back("added by first"); });
+  });
+  d.run_step_closures();
+  EXPECT_EQ(log, std::vector<std::string>{"first"});
+  d.run_step_closures();
+  EXPECT_EQ(log, (std::vector<std::string>{"first", "added by first"}));
+}
+
+TEST(Sync, EndingItsOwnStepFromInsideIsAnError) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  d.add_step_closure([&] { d.run_step_closures(); });
+  try {
+    d.run_step_closures();
+    ADD_FAILURE() << "no exception";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("inside"), std::string::npos) << e.what();
+  }
+  // The device still works afterwards.
+  int ran = 0;
+  d.add_step_closure([&] { ++ran; });
+  d.run_step_closures();
+  EXPECT_EQ(ran, 1);
+}
+
+TEST(Sync, EndingAnotherDevicesStepFromInsideWorks) {
+  scheduler s(quiet_options());
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  int ran_b = 0;
+  b.add_step_closure([&] { ++ran_b; });
+  a.add_step_closure([&] { b.run_step_closures(); });
+  a.run_step_closures();
+  EXPECT_EQ(ran_b, 1);
+  EXPECT_EQ(b.step(), 1u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Async closures
+
+class Async : public testing::with_tbb_threads {};
+
+TEST_P(Async, RunFifoAcrossStepsOneAtATime) {
+  scheduler s(quiet_options(7));
+  device_context& d = s.device("d");
+  std::vector<int> order;  // written only by the one closure running at a time
+  std::atomic<int> running{0};
+  std::atomic<bool> overlapped{false};
+  int next = 0;
+  for (int step = 0; step < 200; ++step) {
+    for (int k = 0; k < 5; ++k) {
+      d.add_step_closure(run_async, [&, i = next++] {
+        if (running.fetch_add(1) != 0) overlapped = true;
+        order.push_back(i);
+        running.fetch_sub(1);
+      });
+    }
+    d.run_step_closures();
+  }
+  d.flush();
+  ASSERT_EQ(order.size(), 1000u);
+  for (int i = 0; i < 1000; ++i) ASSERT_EQ(order[static_cast<std::size_t>(i)], i);
+  EXPECT_FALSE(overlapped);
+}
+
+TEST_P(Async, FailureIsReportedOnceByTheNextStepEndWithTheOriginalNested) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("gpu0");
+  std::atomic<int> later_ran{0};
+  d.add_step_closure(run_async, [] { throw std::runtime_error("loss is NaN"); });
+  d.add_step_closure(run_async, [&] { ++later_ran; });
+  d.add_step_closure(run_async, [&] { ++later_ran; });
+  d.run_step_closures();
+  try {
+    d.flush();
+    ADD_FAILURE() << "flush did not report";
+  } catch (const async_closure_error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind(async_failure_prefix, 0), 0u) << what;
+    EXPECT_NE(what.find("loss is NaN"), std::string::npos) << what;
+    EXPECT_NE(what.find("2 queued"), std::string::npos) << what;
+    EXPECT_EQ(e.discarded(), 2u);
+    EXPECT_EQ(e.device(), "gpu0");
+    try {
+      std::rethrow_if_nested(e);
+      ADD_FAILURE() << "nothing nested";
+    } catch (const std::runtime_error& original) {
+      EXPECT_STREQ(original.what(), "loss is NaN");
+    }
+  }
+  EXPECT_EQ(later_ran.load(), 0) << "closures queued behind a failure must not run";
+  // Exactly once: the device works again.
+  d.add_step_closure(run_async, [&] { ++later_ran; });
+  EXPECT_NO_THROW(d.run_step_closures());
+  EXPECT_NO_THROW(d.flush());
+  EXPECT_EQ(later_ran.load(), 1);
+}
+
+// Sets a flag when destroyed. Queued behind a failing closure, it is discarded (destroyed)
+// only after the failure was recorded, so the flag tells a test "recorded" without reporting it.
+struct signal_on_destroy {
+  std::atomic<bool>* flag;
+  explicit signal_on_destroy(std::atomic<bool>* f) : flag(f) {}
+  signal_on_destroy(signal_on_destroy&& o) noexcept : flag(std::exchange(o.flag, nullptr)) {}
+  ~signal_on_destroy() {
+    if (flag != nullptr) flag->store(true);
+  }
+};
+
+void wait_for(const std::atomic<bool>& flag) {
+  while (!flag.load()) std::this_thread::yield();
+}
+
+TEST_P(Async, TheReportingStepEndHasNoOtherEffect) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  std::atomic<bool> recorded{false};
+  d.add_step_closure(run_async, [] { throw 42; });
+  d.add_step_closure(run_async, [guard = signal_on_destroy(&recorded)] {});
+  d.run_step_closures();
+  ASSERT_EQ(d.step(), 1u);
+  int sync_ran = 0;
+  std::atomic<int> async_ran{0};
+  d.add_step_closure([&] { ++sync_ran; });
+  d.add_step_closure(run_async, [&] { ++async_ran; });
+  wait_for(recorded);
+  try {
+    d.run_step_closures();
+    ADD_FAILURE() << "the failure was not reported";
+  } catch (const async_closure_error& e) {
+    EXPECT_EQ(e.discarded(), 1u);
+    try {
+      std::rethrow_exception(e.original());
+    } catch (int v) {
+      EXPECT_EQ(v, 42) << "a non-std exception is carried as is";
+    }
+  }
+  EXPECT_EQ(sync_ran, 0) << "the reporting call must not run the step's closures";
+  EXPECT_EQ(d.step(), 1u) << "a reporting call is not a step";
+  d.run_step_closures();
+  d.flush();
+  EXPECT_EQ(sync_ran, 1);
+  EXPECT_EQ(async_ran.load(), 1);
+  EXPECT_EQ(d.step(), 2u);
+}
+
+TEST_P(Async, StepEndReportsAFailureRecordedBeforeItStarted) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  for (int round = 0; round < 50; ++round) {
+    std::atomic<bool> recorded{false};
+    d.add_step_closure(run_async, [] { throw std::logic_error("recorded"); });
+    d.add_step_closure(run_async, [guard = signal_on_destroy(&recorded)] {});
+    d.run_step_closures();
+    wait_for(recorded);
+    EXPECT_THROW(d.run_step_closures(), async_closure_error) << "round " << round;
+  }
+}
+
+TEST_P(Async, FlushFromInsideAnAsynchronousClosureIsRefused) {
+  scheduler s(quiet_options());
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  std::atomic<int> refused{0};
+  a.add_step_closure(run_async, [&] {
+    try {
+      a.flush();
+    } catch (const error&) {
+      ++refused;
+    }
+    try {
+      b.flush();
+    } catch (const error&) {
+      ++refused;
+    }
+    try {
+      s.flush();
+    } catch (const error&) {
+      ++refused;
+    }
+  });
+  a.run_step_closures();
+  a.flush();
+  EXPECT_EQ(refused.load(), 3);
+}
+
+TEST_P(Async, AClosureMayEndItsOwnStepAndNeverBlocks) {
+  scheduler s(quiet_options(1));
+  device_context& d = s.device("d");
+  std::atomic<int> ran{0};
+  std::function<void(int)> chain = [&](int depth) {
+    ++ran;
+    if (depth == 0) return;
+    for (int k = 0; k < 3; ++k) d.add_step_closure(run_async, chain, depth - 1);
+    d.run_step_closures();  // from inside an async closure of the same, full device
+  };
+  d.add_step_closure(run_async, chain, 4);
+  d.run_step_closures();
+  // Each flush waits for what was handed over before it; nested step ends hand over more.
+  while (d.step() < 1 + 1 + 3 + 9 + 27) d.flush();
+  d.flush();
+  EXPECT_EQ(ran.load(), 1 + 3 + 9 + 27 + 81);
+}
+
+TEST_P(Async, FullQueueBlocksTheStepEndButNeverDeadlocks) {
+  scheduler s(quiet_options(1));
+  device_context& d = s.device("d");
+  std::atomic<int> ran{0};
+  for (int step = 0; step < 300; ++step) {
+    for (int k = 0; k < 4; ++k) d.add_step_closure(run_async, [&] { ++ran; });
+    d.run_step_closures();
+  }
+  d.flush();
+  EXPECT_EQ(ran.load(), 1200);
+}
+
+TEST_P(Async, DevicesRunInParallelAndIndependently) {
+  scheduler s(quiet_options());
+  device_context& slow = s.device("slow");
+  device_context& fast = s.device("fast");
+  std::atomic<bool> release{false};
+  std::atomic<int> fast_ran{0};
+  slow.add_step_closure(run_async, [&] {
+    while (!release.load()) std::this_thread::yield();
+  });
+  slow.run_step_closures();
+  for (int i = 0; i < 10; ++i) fast.add_step_closure(run_async, [&] { ++fast_ran; });
+  fast.run_step_closures();
+  // With one TBB thread the flush itself drains the fast device; with more a worker does.
+  fast.flush();
+  EXPECT_EQ(fast_ran.load(), 10) << "a blocked device must not stall another";
+  release = true;
+  slow.flush();
+}
+
+STEPFLOW_AT_1_2_4_THREADS(Async);
+
+// ---------------------------------------------------------------------------------------------
+// Sync mode
+
+TEST(SyncMode, AsyncClosuresRunInlineFirstAndTheirExceptionsPropagate) {
+  options o = quiet_options();
+  o.sync_mode = true;
+  scheduler s(o);
+  device_context& d = s.device("d");
+  std::vector<std::string> order;
+  d.add_step_closure([&] { order.push_back("sync1"); });
+  d.add_step_closure(run_async, [&] { order.push_back("async1"); });
+  d.add_step_closure([&] { order.push_back("sync2"); });
+  d.add_step_closure(run_async, [&] { order.push_back("async2"); });
+  d.run_step_closures();
+  EXPECT_EQ(order, (std::vector<std::string>{"async1", "async2", "sync1", "sync2"}));
+  d.add_step_closure(run_async, [] { throw std::domain_error("inline"); });
+  EXPECT_THROW(d.run_step_closures(), std::domain_error);
+  EXPECT_NO_THROW(d.flush());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity
+
+TEST(Device, NamesAreStableAndReferencesAreTheSame) {
+  scheduler s(quiet_options());
+  device_context& a = s.device("gpu0");
+  for (int i = 0; i < 100; ++i) s.device("other" + std::to_string(i));
+  EXPECT_EQ(&a, &s.device("gpu0"));
+  EXPECT_EQ(a.name(), "gpu0");
+  EXPECT_EQ(&a.scheduler(), &s);
+  EXPECT_EQ(&s.default_device(), &s.device(s.options().default_device));
+}
+
+}  // namespace
+}  // namespace stepflow

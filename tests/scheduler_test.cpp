@@ -1,0 +1,279 @@
+// scheduler: devices, flush across devices, shutdown and its report, use after destruction.
+
+#include <stepflow/stepflow.hpp>
+
+#include <gtest/gtest.h>
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/parallel_pipeline.h>
+#include <oneapi/tbb/task_arena.h>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "support/tbb_threads.hpp"
+#include "support/tsan_handoff.hpp"
+
+namespace stepflow {
+namespace {
+
+options quiet_options(std::size_t max_queue = 100) {
+  options o;
+  o.max_queue_size = max_queue;
+  o.report_to_stderr = false;
+  return o;
+}
+
+class Scheduler : public testing::with_tbb_threads {};
+
+TEST_P(Scheduler, DestructionRunsEveryQueuedAsyncClosure) {
+  std::atomic<int> ran{0};
+  {
+    scheduler s(quiet_options(0));
+    for (int dev = 0; dev < 4; ++dev) {
+      device_context& d = s.device("d" + std::to_string(dev));
+      for (int i = 0; i < 500; ++i) d.add_step_closure(run_async, [&] { ++ran; });
+      d.run_step_closures();
+    }
+  }
+  EXPECT_EQ(ran.load(), 2000);
+}
+
+TEST_P(Scheduler, DestructionReportsUnreportedFailuresAndNeverRunClosures) {
+  std::optional<shutdown_report> seen;
+  std::atomic<int> ran{0};
+  {
+    options o = quiet_options();
+    o.on_shutdown_report = [&](const shutdown_report& r) { seen = r; };
+    scheduler s(o);
+    device_context& bad = s.device("bad");
+    bad.add_step_closure(run_async, [] { throw std::runtime_error("never looked at"); });
+    bad.add_step_closure(run_async, [&] { ++ran; });
+    bad.run_step_closures();
+    device_context& idle = s.device("idle");
+    idle.add_step_closure([&] { ++ran; });
+    idle.add_step_closure(run_async, [&] { ++ran; });
+    // No step end, no flush: both problems are only visible at shutdown.
+  }
+  ASSERT_TRUE(seen.has_value());
+  ASSERT_EQ(seen->devices.size(), 2u);
+  const device_shutdown_report& bad = seen->devices[0];
+  EXPECT_EQ(bad.device, "bad");
+  ASSERT_TRUE(bad.unreported_error);
+  EXPECT_EQ(bad.discarded, 1u);
+  const device_shutdown_report& idle = seen->devices[1];
+  EXPECT_EQ(idle.device, "idle");
+  EXPECT_FALSE(idle.unreported_error);
+  EXPECT_EQ(idle.never_run, 2u);
+  EXPECT_EQ(ran.load(), 0);
+}
+
+TEST_P(Scheduler, ShutdownReportGoesToStderr) {
+  ::testing::internal::CaptureStderr();
+  {
+    options o;  // report_to_stderr defaults to true
+    scheduler s(o);
+    s.device("gpu3").add_step_closure([] {});
+  }
+  const std::string text = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(text.find("device 'gpu3': 1 closure added after its last step end never ran"),
+            std::string::npos)
+      << text;
+}
+
+TEST_P(Scheduler, NothingToReportPrintsNothing) {
+  ::testing::internal::CaptureStderr();
+  bool called = false;
+  {
+    options o;
+    o.on_shutdown_report = [&](const shutdown_report&) { called = true; };
+    scheduler s(o);
+    device_context& d = s.device("d");
+    d.add_step_closure(run_async, [] {});
+    d.run_step_closures();
+  }
+  EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
+  EXPECT_FALSE(called);
+}
+
+TEST_P(Scheduler, ThrowingReportCallbackIsSwallowed) {
+  options o = quiet_options();
+  o.on_shutdown_report = [](const shutdown_report&) { throw std::runtime_error("callback"); };
+  EXPECT_NO_THROW({
+    scheduler s(o);
+    s.device("d").add_step_closure([] {});
+  });
+}
+
+TEST_P(Scheduler, FlushReportsTheFirstFailureAndOthersKeepTheirs) {
+  scheduler s(quiet_options());
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  a.add_step_closure(run_async, [] { throw std::runtime_error("a failed"); });
+  b.add_step_closure(run_async, [] { throw std::runtime_error("b failed"); });
+  a.run_step_closures();
+  b.run_step_closures();
+  try {
+    s.flush();
+    ADD_FAILURE() << "no failure reported";
+  } catch (const async_closure_error& e) {
+    EXPECT_EQ(e.device(), "a");
+  }
+  try {
+    b.flush();
+    ADD_FAILURE() << "b lost its failure";
+  } catch (const async_closure_error& e) {
+    EXPECT_EQ(e.device(), "b");
+  }
+  EXPECT_NO_THROW(s.flush());
+  EXPECT_NO_THROW(a.flush());
+}
+
+TEST_P(Scheduler, ManyThreadsAddToOneDeviceWhileItsStepsEnd) {
+  scheduler s(quiet_options(16));
+  device_context& d = s.device("shared");
+  constexpr int threads = 4;
+  constexpr int per_thread = 5000;
+  std::vector<std::atomic<int>> runs(threads * per_thread);
+  // Per-thread order: each thread's closures must run in the order that thread added them.
+  std::vector<int> last_seen(threads, -1);  // async side: touched by one drainer at a time
+  std::atomic<bool> order_broken{false};
+  std::atomic<bool> stop{false};
+  std::thread ender([&] {
+    while (!stop.load()) d.run_step_closures();
+  });
+  std::vector<std::thread> adders;
+  for (int t = 0; t < threads; ++t) {
+    adders.emplace_back([&, t] {
+      for (int i = 0; i < per_thread; ++i) {
+        auto body = [&, t, i] {
+          runs[static_cast<std::size_t>(t * per_thread + i)].fetch_add(1);
+        };
+        if (i % 2 == 0) {
+          d.add_step_closure(body);
+        } else {
+          d.add_step_closure(run_async, [&, t, i, body] {
+            body();
+            if (last_seen[static_cast<std::size_t>(t)] >= i) order_broken = true;
+            last_seen[static_cast<std::size_t>(t)] = i;
+          });
+        }
+      }
+    });
+  }
+  for (std::thread& a : adders) a.join();
+  stop = true;
+  ender.join();
+  d.run_step_closures();
+  d.flush();
+  for (std::size_t i = 0; i < runs.size(); ++i) ASSERT_EQ(runs[i].load(), 1) << "closure " << i;
+  EXPECT_FALSE(order_broken.load());
+}
+
+TEST_P(Scheduler, StepEndsFromTbbWorkersPipelinesAndArenasWithAFullQueue) {
+  scheduler s(quiet_options(1));
+  std::atomic<int> ran{0};
+  // From parallel_for bodies: each body owns a device.
+  // (Bodies and filters are built before before_tbb_algorithm(), which must follow every write
+  // the workers will read.)
+  const auto for_body = [&](int i) {
+    testing::tbb_body_scope scope;
+    device_context& d = s.device("pf" + std::to_string(i));
+    for (int step = 0; step < 20; ++step) {
+      for (int k = 0; k < 3; ++k) d.add_step_closure(run_async, [&] { ++ran; });
+      d.run_step_closures();
+    }
+  };
+  testing::before_tbb_algorithm();
+  tbb::parallel_for(0, 8, for_body);
+  testing::after_tbb_algorithm();
+  // From a serial parallel_pipeline filter.
+  device_context& p = s.device("pipeline");
+  int produced = 0;
+  const auto steps =
+      tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
+                                  [&](tbb::flow_control& fc) {
+                                    testing::tbb_body_scope scope;
+                                    if (produced == 100) fc.stop();
+                                    return produced++;
+                                  }) &
+      tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int) {
+        testing::tbb_body_scope scope;
+        p.add_step_closure(run_async, [&] { ++ran; });
+        p.add_step_closure(run_async, [&] { ++ran; });
+        p.run_step_closures();
+      });
+  testing::before_tbb_algorithm();
+  tbb::parallel_pipeline(4, steps);
+  testing::after_tbb_algorithm();
+  // From a user arena.
+  tbb::task_arena arena(2);
+  const auto in_arena = [&] {
+    testing::tbb_body_scope scope;
+    device_context& d = s.device("arena");
+    for (int step = 0; step < 50; ++step) {
+      d.add_step_closure(run_async, [&] { ++ran; });
+      d.add_step_closure(run_async, [&] { ++ran; });
+      d.run_step_closures();
+    }
+  };
+  testing::before_tbb_algorithm();
+  arena.execute(in_arena);
+  testing::after_tbb_algorithm();
+  s.flush();
+  EXPECT_EQ(ran.load(), 8 * 20 * 3 + 100 * 2 + 50 * 2);
+}
+
+TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
+  scheduler s(quiet_options(0));
+  device_context& d = s.device("d");
+  std::atomic<int> ran{0};
+  std::atomic<bool> release{false};
+  int produced = 0;
+  const auto steps =
+      tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
+                                  [&](tbb::flow_control& fc) {
+                                    testing::tbb_body_scope scope;
+                                    if (produced == 10) fc.stop();
+                                    return produced++;
+                                  }) &
+      tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int i) {
+        testing::tbb_body_scope scope;
+        d.add_step_closure(run_async, [&] {
+          while (!release.load()) std::this_thread::yield();
+          ++ran;
+        });
+        d.run_step_closures();
+        if (i == 5) throw std::runtime_error("pipeline");
+      });
+  testing::before_tbb_algorithm();
+  EXPECT_THROW(tbb::parallel_pipeline(2, steps), std::runtime_error);
+  testing::after_tbb_algorithm();
+  release = true;
+  d.flush();
+  EXPECT_EQ(ran.load(), 6);
+}
+
+STEPFLOW_AT_1_2_4_THREADS(Scheduler);
+
+TEST(SchedulerLifetime, UseOfADeviceAfterItsSchedulerIsGoneIsCaughtInDebugBuilds) {
+#ifdef NDEBUG
+  GTEST_SKIP() << "release builds do not check (documented undefined behaviour)";
+#else
+  device_context* dangling = nullptr;
+  {
+    scheduler s(quiet_options());
+    dangling = &s.device("d");
+  }
+  EXPECT_THROW(dangling->run_step_closures(), error);
+  EXPECT_THROW(dangling->flush(), error);
+  EXPECT_THROW(dangling->add_step_closure([] {}), error);
+#endif
+}
+
+}  // namespace
+}  // namespace stepflow
