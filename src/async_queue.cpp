@@ -22,55 +22,54 @@ async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_poo
 
 async_queue::~async_queue() = default;
 
-bool async_queue::full() const noexcept {
-  return capacity_ != 0 && pending_.load() >= capacity_;
+std::uint64_t async_queue::reserve(closure_batch&& batch) {
+  const std::size_t n = batch.size();
+  lock_type lock(mutex_);
+  if (n == 0 || failed_) {
+    if (n != 0) {
+      // Handed over behind a failure that is not reported yet: discarded with it.
+      discarded_since_failure_ += n;
+      discarded_count_.fetch_add(n);
+    }
+    const std::uint64_t ticket = reserved_seq_;
+    lock.unlock();
+    pool_.release(std::move(batch));  // destroys the closures outside the lock
+    return ticket;
+  }
+  if (capacity_ == 0 || n <= capacity_) {
+    push_ring_locked(std::move(batch));
+  } else {
+    // Larger than the whole queue: split into entries that each fit once the queue is empty.
+    for (std::size_t offset = 0; offset < n; offset += capacity_) {
+      closure_batch piece = pool_.acquire();
+      const std::size_t end = std::min(n, offset + capacity_);
+      piece.reserve(end - offset);
+      for (std::size_t i = offset; i < end; ++i) piece.push_back(std::move(batch[i]));
+      push_ring_locked(std::move(piece));
+    }
+    pool_.release(std::move(batch));  // only moved-from closures are left in it
+  }
+  reserved_seq_ += n;
+  handed_over_.fetch_add(n);
+  const std::uint64_t ticket = reserved_seq_;
+  admit_locked(false);
+  return ticket;
 }
 
-void async_queue::hand_over(closure_batch&& batch) {
-  const std::size_t n = batch.size();
-  if (n == 0) {
-    pool_.release(std::move(batch));
+void async_queue::wait_admitted(std::uint64_t ticket) {
+  lock_type lock(mutex_);
+  if (admitted_seq_ >= ticket) return;
+  // Inside an asynchronous closure this thread may be the very drainer that would make room,
+  // or one of a cycle of them, so it never waits there: it admits what is ahead of it and its
+  // own batch at once.
+  if (capacity_ == 0 || async_frame::active()) {
+    while (admitted_seq_ < ticket) admit_locked(true);
     return;
   }
-  // Inside an asynchronous closure this thread may be the very drainer that would make room,
-  // or one of a cycle of them, so it never waits there.
-  const bool may_wait = capacity_ != 0 && !async_frame::active();
-  lock_type lock(mutex_);
-  std::size_t offset = 0;
-  while (offset < n) {
-    if (failed_) {
-      // Everything not yet handed over counts as queued behind the failure.
-      discarded_since_failure_ += n - offset;
-      discarded_count_.fetch_add(n - offset);
-      lock.unlock();
-      discard(batch, offset);
-      pool_.release(std::move(batch));
-      return;
-    }
-    const std::size_t pending = pending_.load();
-    if (may_wait && pending >= capacity_) {
-      wait_until(lock, [this] { return failed_ || !full(); });
-      continue;
-    }
-    const std::size_t room = may_wait ? capacity_ - pending : n - offset;
-    const std::size_t count = std::min(room, n - offset);
-    if (offset == 0 && count == n) {
-      enqueue_locked(std::move(batch), lock);
-      return;
-    }
-    // The batch does not fit: hand it over piece by piece as room appears.
-    closure_batch piece = pool_.acquire();
-    piece.reserve(count);
-    for (std::size_t i = offset; i < offset + count; ++i) piece.push_back(std::move(batch[i]));
-    offset += count;
-    enqueue_locked(std::move(piece), lock);
-  }
-  lock.unlock();
-  pool_.release(std::move(batch));
+  wait_until(lock, [&] { return admitted_seq_ >= ticket; });
 }
 
-void async_queue::enqueue_locked(closure_batch&& batch, lock_type&) {
-  const std::size_t n = batch.size();
+void async_queue::push_ring_locked(closure_batch&& batch) {
   if (ring_size_ == ring_.size()) {
     std::vector<closure_batch> bigger(ring_.size() * 2);
     for (std::size_t i = 0; i < ring_size_; ++i) {
@@ -81,12 +80,29 @@ void async_queue::enqueue_locked(closure_batch&& batch, lock_type&) {
   }
   ring_[(ring_head_ + ring_size_) % ring_.size()] = std::move(batch);
   ++ring_size_;
-  const std::size_t pending = pending_.fetch_add(n) + n;
-  if (pending > high_water_.load(std::memory_order_relaxed)) {
-    high_water_.store(pending, std::memory_order_relaxed);
+  has_unadmitted_.store(true);
+}
+
+void async_queue::admit_locked(bool force) noexcept {
+  bool admitted = false;
+  while (admitted_batches_ < ring_size_) {
+    const std::size_t n = ring_[(ring_head_ + admitted_batches_) % ring_.size()].size();
+    // Dekker with finished(): has_unadmitted_ is set before pending_ is read here, and the
+    // drainer lowers pending_ before it reads has_unadmitted_, so one of the two admits.
+    if (!force && capacity_ != 0 && pending_.load() + n > capacity_) break;
+    const std::size_t pending = pending_.fetch_add(n) + n;
+    if (pending > high_water_.load(std::memory_order_relaxed)) {
+      high_water_.store(pending, std::memory_order_relaxed);
+    }
+    admitted_seq_ += n;
+    ++admitted_batches_;
+    admitted = true;
+    if (force) break;  // one at a time: the caller loops up to its ticket
   }
-  handed_over_.fetch_add(n);
+  has_unadmitted_.store(admitted_batches_ < ring_size_);
+  if (!admitted) return;
   if (!draining_ && !task_pending_) schedule_drainer_locked();
+  if (waiters_.load() > 0) progress_.notify_all();
 }
 
 void async_queue::schedule_drainer_locked() {
@@ -125,10 +141,11 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
   // Isolation: a closure that waits on its own TBB work must not pick up another device's
   // drainer task and run it nested on this stack.
   tbb::this_task_arena::isolate([&] {
-    while (ring_size_ != 0 && !stop()) {
+    while (admitted_batches_ != 0 && !stop()) {
       closure_batch batch = std::move(ring_[ring_head_]);
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
+      --admitted_batches_;
       lock.unlock();
       run_batch(batch);
       pool_.release(std::move(batch));
@@ -139,7 +156,7 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
 
 void async_queue::release_drain_role_locked() noexcept {
   draining_ = false;
-  if (ring_size_ != 0 && !task_pending_) schedule_drainer_locked();
+  if (admitted_batches_ != 0 && !task_pending_) schedule_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
 }
 
@@ -170,11 +187,18 @@ void async_queue::run_batch(closure_batch& batch) noexcept {
       finished(release_every, 0);
       released = i;
     }
+    std::exception_ptr error;
     try {
       batch[i]();
     } catch (...) {  // any exception, not only std::exception (H6)
+      error = std::current_exception();
+    }
+    // Recorded after the handler ended, so this thread's hold on the exception object is only
+    // `error`, handed over under the queue's lock (the handler's own reference count lives in
+    // uninstrumented libstdc++, invisible to ThreadSanitizer).
+    if (error) {
       finished(i + 1 - released, 0);
-      record_failure(std::current_exception(), batch, i + 1);
+      record_failure(std::move(error), batch, i + 1);
       return;
     }
     batch[i].reset();
@@ -185,21 +209,29 @@ void async_queue::run_batch(closure_batch& batch) noexcept {
 void async_queue::record_failure(std::exception_ptr error, closure_batch& batch,
                                  std::size_t next) noexcept {
   std::vector<closure_batch> behind;
-  std::size_t discarded = batch.size() - next;
+  std::size_t discarded = batch.size() - next;  // admitted: they count in pending_
+  std::size_t unadmitted = 0;
   {
     lock_type lock(mutex_);
     failure_ = std::move(error);
     failed_ = true;
     failed_count_.fetch_add(1);
     behind.reserve(ring_size_);
-    while (ring_size_ != 0) {
-      discarded += ring_[ring_head_].size();
+    for (std::size_t i = 0; ring_size_ != 0; ++i) {
+      const std::size_t n = ring_[ring_head_].size();
+      (i < admitted_batches_ ? discarded : unadmitted) += n;
       behind.push_back(std::move(ring_[ring_head_]));
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
     }
-    discarded_since_failure_ += discarded;
-    discarded_count_.fetch_add(discarded);
+    admitted_batches_ = 0;
+    // Batches that were waiting for room are done too: their producers stop waiting.
+    admitted_seq_ = reserved_seq_;
+    has_unadmitted_.store(false);
+    discarded_since_failure_ += discarded + unadmitted;
+    discarded_count_.fetch_add(discarded + unadmitted);
+    finished_.fetch_add(unadmitted);
+    if (waiters_.load() > 0) progress_.notify_all();
   }
   // Destructors of discarded closures are user code: run them outside the lock.
   detail::discard(batch, next);
@@ -213,8 +245,9 @@ void async_queue::finished(std::size_t ran, std::size_t discarded) noexcept {
   if (ran != 0) ran_count_.fetch_add(ran, std::memory_order_relaxed);
   pending_.fetch_sub(n);
   finished_.fetch_add(n);
-  if (waiters_.load() > 0) {
-    std::lock_guard lock(mutex_);
+  if (has_unadmitted_.load() || waiters_.load() > 0) {
+    lock_type lock(mutex_);
+    admit_locked(false);
     progress_.notify_all();
   }
 }
@@ -248,6 +281,7 @@ async_queue_counts async_queue::counts() const noexcept {
 
 void async_queue::wait_for_idle() noexcept {
   lock_type lock(mutex_);
+  // Everything reserved gets admitted as room appears (or discarded), so the ring empties.
   wait_until(lock, [this] { return ring_size_ == 0 && !draining_; });
 }
 

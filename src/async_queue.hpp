@@ -34,7 +34,7 @@ struct async_failure {
 
 /// Totals since construction. Read without locking; each is exact once the queue is idle.
 struct async_queue_counts {
-  std::uint64_t handed_over = 0;  // accepted into the queue
+  std::uint64_t handed_over = 0;  // accepted into the queue (reserved)
   std::uint64_t ran = 0;          // started and returned or threw
   std::uint64_t failed = 0;       // threw
   std::uint64_t discarded = 0;    // never started: queued behind a failure
@@ -51,11 +51,19 @@ class async_queue {
   async_queue(const async_queue&) = delete;
   async_queue& operator=(const async_queue&) = delete;
 
-  /// Queues `batch` behind everything handed over before. Blocks while the queue is full
-  /// (running closures itself when nobody drains), except inside an asynchronous closure, where
-  /// it never blocks. After a failure is recorded and until it is taken, hands nothing over:
-  /// the closures are discarded and counted with the failure.
-  void hand_over(closure_batch&& batch);
+  /// Places `batch` in the FIFO behind everything reserved before, without blocking, and returns
+  /// a ticket for `wait_admitted`. Closures count as pending (against the capacity) only once
+  /// admitted; a batch is admitted as soon as room allows, always in FIFO order. Callers reserve
+  /// under their own lock so that the FIFO order is the order they took their batches in.
+  /// After a failure is recorded and until it is taken, reserves nothing: the closures are
+  /// discarded and counted with the failure.
+  std::uint64_t reserve(closure_batch&& batch);
+
+  /// Blocks until the closures reserved up to `ticket` are admitted (or discarded), running
+  /// closures itself when nobody drains. Inside an asynchronous closure, or for an unbounded
+  /// queue, it never blocks: it admits everything up to `ticket` at once, exceeding the capacity
+  /// if need be.
+  void wait_admitted(std::uint64_t ticket);
 
   /// Blocks until every closure handed over before the call ran or was discarded, running
   /// closures itself when nobody drains. Precondition: not inside an asynchronous closure.
@@ -76,8 +84,8 @@ class async_queue {
  private:
   using lock_type = std::unique_lock<std::mutex>;
 
-  bool full() const noexcept;
-  void enqueue_locked(closure_batch&& batch, lock_type& lock);
+  void push_ring_locked(closure_batch&& batch);
+  void admit_locked(bool force) noexcept;
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;
   template <class Stop>
@@ -100,9 +108,15 @@ class async_queue {
   mutable std::mutex mutex_;
   std::condition_variable progress_;  // room, finished closures, or the drain role freed
   // Guarded by mutex_:
-  std::vector<closure_batch> ring_;  // FIFO of batches, a ring so steady state never allocates
+  // FIFO of batches, a ring so steady state never allocates. The first `admitted_batches_` are
+  // admitted (counted in pending_, runnable); the rest wait for room. Each entry is at most
+  // `capacity_` closures long, so an entry always fits once the queue is empty.
+  std::vector<closure_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
+  std::size_t admitted_batches_ = 0;
+  std::uint64_t reserved_seq_ = 0;  // closures ever reserved
+  std::uint64_t admitted_seq_ = 0;  // closures ever admitted or discarded before admission
   bool draining_ = false;      // someone holds the right to run closures
   bool task_pending_ = false;  // a drainer task is enqueued and has not started
   std::exception_ptr failure_;
@@ -111,7 +125,8 @@ class async_queue {
 
   // Atomics: read without the lock by waiters and counters.
   alignas(64) std::atomic<std::size_t> pending_{0};
-  std::atomic<std::uint64_t> handed_over_{0};
+  std::atomic<std::uint64_t> handed_over_{0};  // reserved closures (flush tickets)
+  std::atomic<bool> has_unadmitted_{false};     // some reserved batch waits for room
   std::atomic<std::uint64_t> finished_{0};  // ran or discarded
   std::atomic<std::uint64_t> ran_count_{0};
   std::atomic<std::uint64_t> failed_count_{0};

@@ -45,17 +45,21 @@ void device_state::run_step_closures() {
 
   closure_batch async_batch = pool_.acquire();
   closure_batch sync_batch = pool_.acquire();
+  std::uint64_t ticket = 0;
   {
     std::lock_guard lock(take_mutex_);
     async_pending_.take(async_batch);
     sync_pending_.take(sync_batch);
     step_.fetch_add(1, std::memory_order_acq_rel);
+    // Reserved under the take lock, so concurrent step ends queue their batches in the order
+    // they took them: FIFO holds across them even when one of them must wait for room.
+    if (!sync_mode_) ticket = queue_.reserve(std::move(async_batch));
   }
   if (sync_mode_) {
     run_inline(async_batch, &sync_batch);
   } else {
     // Handed over before the sync closures run, so the worker starts on them meanwhile.
-    queue_.hand_over(std::move(async_batch));
+    queue_.wait_admitted(ticket);
     run_inline(sync_batch, nullptr);
   }
 }

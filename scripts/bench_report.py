@@ -1,0 +1,568 @@
+#!/usr/bin/env python3
+"""Runs stepflow's benchmarks (issue 5) and turns their Google Benchmark JSON into the tables of
+docs/benchmarks.md and the B4 scaling plot (docs/benchmarks-b4.png, drawn by gnuplot).
+
+Usage (from the repository root):
+  cmake --workflow --preset bench               # Release build in build/bench
+  python3 scripts/bench_report.py --run         # run all, then update docs + plot
+  python3 scripts/bench_report.py               # only regenerate docs + plot from bench-results/
+
+The benchmark binaries are build/bench/bench/<name>; each writes bench-results/<name>.json
+(--benchmark_out, JSON, 3 repetitions, aggregates only: the report uses the median). The tables
+are written between `<!-- report:<id> -->` and `<!-- /report:<id> -->` markers in the document,
+so the prose around them survives regeneration; a missing document gets a skeleton.
+
+Python 3 standard library only. The plot needs gnuplot (Debian: gnuplot-nox); without it the
+plot is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Binary name -> what it holds. Order = run order.
+BINARIES = [
+    ("sync_step_bench", "B1"),
+    ("async_bench", "B2"),
+    ("producer_bench", "B3"),
+    ("scaling_bench", "B4"),
+    ("latency_bench", "B5"),
+    ("alloc_bench", "B7"),
+]
+
+SECTIONS = ["machine", "commands", "targets", "B1", "B2", "B3", "B4", "B5", "B7"]
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def run_benchmarks(build_dir: Path, results: Path, repetitions: int, min_time: float | None,
+                   only: list[str] | None, extra: list[str]) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    bench_dir = build_dir / "bench"
+    total_start = time.monotonic()
+    for name, bid in BINARIES:
+        if only and name not in only and bid not in only:
+            continue
+        exe = bench_dir / name
+        if not exe.exists():
+            sys.exit(f"bench_report: {exe} not found; build first: cmake --workflow --preset bench")
+        out = results / f"{name}.json"
+        cmd = [str(exe), f"--benchmark_repetitions={repetitions}",
+               "--benchmark_report_aggregates_only=true",
+               f"--benchmark_out={out}", "--benchmark_out_format=json"]
+        if min_time is not None:
+            cmd.append(f"--benchmark_min_time={min_time}")
+        cmd += extra
+        print(f"== {bid}: {' '.join(cmd)}", flush=True)
+        start = time.monotonic()
+        subprocess.run(cmd, check=True)
+        print(f"== {bid}: {time.monotonic() - start:.0f} s", flush=True)
+    print(f"== all: {time.monotonic() - total_start:.0f} s", flush=True)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+class Result:
+    """One benchmark's median aggregate: family (B2_async), impl (stepflow), args {k: int}."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+        parts = entry["run_name"].split("/")
+        self.family = parts[0]
+        self.impl = parts[1]
+        self.args: dict[str, int] = {}
+        for p in parts[2:]:
+            if ":" in p:
+                k, v = p.split(":", 1)
+                if k != "iterations":
+                    self.args[k] = int(v)
+
+    def __getitem__(self, counter: str) -> float:
+        return float(self.entry[counter])
+
+    def get(self, counter: str, default=None):
+        v = self.entry.get(counter)
+        return default if v is None else float(v)
+
+
+class Results:
+    def __init__(self, results_dir: Path):
+        self.contexts: dict[str, dict] = {}
+        self.items: list[Result] = []
+        self.files: list[Path] = []
+        for name, _ in BINARIES:
+            path = results_dir / f"{name}.json"
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            self.files.append(path)
+            self.contexts[name] = data.get("context", {})
+            for e in data.get("benchmarks", []):
+                # Median aggregates; a run without repetitions has only iteration entries.
+                if e.get("run_type") == "aggregate" and e.get("aggregate_name") != "median":
+                    continue
+                if e.get("error_occurred"):
+                    print(f"bench_report: {e['name']} failed: {e.get('error_message')}",
+                          file=sys.stderr)
+                    continue
+                self.items.append(Result(e))
+
+    def find(self, family: str, impl: str, **args) -> Result | None:
+        for r in self.items:
+            if r.family == family and r.impl == impl and all(
+                    r.args.get(k) == v for k, v in args.items()):
+                return r
+        return None
+
+    def all(self, family: str, impl: str) -> list[Result]:
+        return [r for r in self.items if r.family == family and r.impl == impl]
+
+    def context(self) -> dict:
+        for c in self.contexts.values():
+            return c
+        return {}
+
+
+# --- formatting helpers ------------------------------------------------------------------------
+
+def ns(r: Result | None, counter: str = "ns_per_closure") -> float | None:
+    return None if r is None else r.get(counter)
+
+
+def fmt_num(v: float | None, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def fmt_ratio(baseline: float | None, ours: float | None) -> str:
+    if baseline is None or ours is None or ours == 0:
+        return "n/a"
+    return f"{baseline / ours:.2f}×"
+
+
+def us(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 1000:.1f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**PASS**" if ok else "**MISS**")
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+def section_machine(res: Results) -> str:
+    ctx = res.context()
+    model = "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(
+            (k.strip(), v.strip()) for k, v in
+            (line.split(":", 1) for line in lscpu.splitlines() if ":" in line))
+        model = fields.get("Model name", model)
+        cpus = fields.get("CPU(s)", "?")
+        threads = fields.get("Thread(s) per core", "?")
+        hyper = fields.get("Hypervisor vendor")
+    except OSError:
+        cpus = threads = "?"
+        hyper = None
+    mhz = ctx.get("mhz_per_cpu")
+    bench_version = "unknown"
+    if shutil.which("dpkg-query"):
+        q = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libbenchmark-dev"],
+                           capture_output=True, text=True)
+        if q.returncode == 0:
+            bench_version = q.stdout.strip()
+    rows = [
+        ["CPU", f"{model}" + (f" ({mhz} MHz reported)" if mhz else "")],
+        ["cores", f"{cpus} CPUs, {threads} thread(s) per core"
+                  + (f", virtual machine ({hyper})" if hyper else "")],
+        ["kernel", platform.release()],
+        ["compiler", ctx.get("compiler", "unknown")],
+        ["build", f"CMAKE_BUILD_TYPE=Release (-O3 -DNDEBUG), assertions "
+                  f"{ctx.get('assertions', '?')}"],
+        ["oneTBB", f"{ctx.get('tbb_version', '?')} (runtime {ctx.get('tbb_runtime_version', '?')}, "
+                   f"default concurrency {ctx.get('tbb_default_concurrency', '?')})"],
+        ["fmt", ctx.get("fmt_version", "?")],
+        ["Google Benchmark", bench_version],
+        ["stepflow", ctx.get("stepflow_version", "?")],
+        ["run", ctx.get("date", "?")],
+    ]
+    return table(["", ""], rows)
+
+
+def section_commands(args) -> str:
+    rel_results = os.path.relpath(args.results, ROOT)
+    lines = [
+        "```sh",
+        "scripts/install-deps.sh --with-plots        # once: compilers, TBB, fmt, benchmark, gnuplot",
+        "cmake --workflow --preset bench             # Release build of the benchmarks in build/bench",
+        "python3 scripts/bench_report.py --run       # run all (3 repetitions, medians), write",
+        f"                                            # {rel_results}/*.json, these tables and the plot",
+        "```",
+        "",
+        "One benchmark by hand, e.g. B2 (every binary takes the usual Google Benchmark flags):",
+        "",
+        "```sh",
+        "build/bench/bench/async_bench --benchmark_repetitions=3 \\",
+        "    --benchmark_report_aggregates_only=true \\",
+        f"    --benchmark_out={rel_results}/async_bench.json --benchmark_out_format=json",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def b1_rows(res: Results):
+    rows = []
+    for capture in (16, 48):
+        for n in (1, 10, 100, 1000):
+            ours = ns(res.find("B1_sync", "stepflow", capture=capture, n=n))
+            base = ns(res.find("B1_sync", "vector_function", capture=capture, n=n))
+            rows.append([f"{capture} B", str(n), fmt_num(ours), fmt_num(base),
+                         fmt_ratio(base, ours)])
+    return rows
+
+
+def section_b1(res: Results) -> str:
+    return table(["capture", "N per step", "stepflow ns/closure",
+                  "vector<std::function> ns/closure", "speed-up"], b1_rows(res))
+
+
+def section_b2(res: Results) -> str:
+    rows = []
+    for capture in (16, 48):
+        ours = ns(res.find("B2_async", "stepflow", capture=capture))
+        a = ns(res.find("B2_async", "tbb_task_per_closure", capture=capture))
+        b = ns(res.find("B2_async", "torch_port", capture=capture))
+        rate = None if ours in (None, 0) else 1e9 / ours / 1e6
+        rows.append([f"{capture} B", fmt_num(ours), fmt_num(rate), fmt_num(a), fmt_num(b),
+                     fmt_ratio(a, ours), fmt_ratio(b, ours)])
+    return table(["capture", "stepflow ns/closure", "stepflow M closures/s",
+                  "(a) task per closure ns", "(b) torch port ns", "vs (a)", "vs (b)"], rows)
+
+
+def section_b3(res: Results) -> str:
+    rows = []
+    for capture in (16, 48):
+        for per_step in (100, 1000):
+            ours = ns(res.find("B3_producer", "stepflow", capture=capture, per_step=per_step))
+            b = ns(res.find("B3_producer", "torch_port", capture=capture, per_step=per_step))
+            rows.append([f"{capture} B", str(per_step), fmt_num(ours), fmt_num(b),
+                         fmt_ratio(b, ours)])
+    return table(["capture", "closures per step", "stepflow ns/closure",
+                  "(b) torch port ns/closure", "speed-up"], rows)
+
+
+def b4_data(res: Results):
+    devices = sorted(res.all("B4_scaling", "stepflow_devices"), key=lambda r: r.args["devices"])
+    steps = sorted((r for r in res.all("B4_scaling", "stepflow_steps") if r.args.get("bound")),
+                   key=lambda r: r.args["steps"])
+    unbounded = [r for r in res.all("B4_scaling", "stepflow_steps") if r.args.get("bound") == 0]
+    return devices, steps, unbounded
+
+
+def section_b4(res: Results) -> str:
+    devices, steps, unbounded = b4_data(res)
+    out = []
+    if devices:
+        base = devices[0]["ns_per_closure"]
+        rows = [[str(r.args["devices"]), fmt_num(r["ns_per_closure"]),
+                 f"{(r['ns_per_closure'] / base - 1) * 100:+.0f}%",
+                 fmt_num(r.get("peak_growth_kib"), 0)] for r in devices]
+        out.append("Devices sweep (1e6 closures in total per iteration, 100 per device step):\n")
+        out.append(table(["devices", "ns/closure", "vs 1 device", "peak RSS growth KiB"], rows))
+    if steps:
+        base = steps[0]["ns_per_closure"]
+        rows = [[f"{r.args['steps']:,}", f"{r.args['steps'] * 100:,}",
+                 fmt_num(r["ns_per_closure"]), f"{(r['ns_per_closure'] / base - 1) * 100:+.0f}%",
+                 fmt_num(r.get("peak_rss_kib"), 0), fmt_num(r.get("peak_growth_kib"), 0)]
+                for r in steps]
+        for r in unbounded:
+            rows.append([f"{r.args['steps']:,} (unbounded queue, for contrast)",
+                         f"{r.args['steps'] * 100:,}", fmt_num(r["ns_per_closure"]), "",
+                         fmt_num(r.get("peak_rss_kib"), 0), fmt_num(r.get("peak_growth_kib"), 0)])
+        out.append("\nSteps sweep (1 device, 100 closures per step, queue bound 100):\n")
+        out.append(table(["steps", "closures", "ns/closure", "vs 1e3 steps", "peak RSS KiB",
+                          "peak RSS growth KiB"], rows))
+    out.append("\n![B4 scaling](benchmarks-b4.png)")
+    return "\n".join(out)
+
+
+B5_REGIMES = [
+    ((50, 0), "step every 50 µs, training thread busy (worker awake)", 5000),
+    ((2000, 0), "step every 2 ms, training thread busy (worker asleep)", 60000),
+    ((2000, 1), "step every 2 ms, training thread asleep (worker asleep)", 60000),
+]
+B5_IMPLS = [("stepflow", "stepflow"), ("tbb_task_per_closure", "(a) task per closure"),
+            ("torch_port", "(b) torch port")]
+
+
+def section_b5(res: Results) -> str:
+    rows = []
+    for (period, gap), label, _ in B5_REGIMES:
+        for impl, impl_label in B5_IMPLS:
+            r = res.find("B5_latency", impl, period_us=period, gap=gap)
+            if r is None:
+                continue
+            rows.append([label, impl_label, us(r.get("p50_ns")), us(r.get("p90_ns")),
+                         us(r.get("p99_ns")), us(r.get("max_ns")), fmt_num(r.get("samples"), 0)])
+    return table(["regime", "implementation", "p50 µs", "p90 µs", "p99 µs", "max µs",
+                  "samples"], rows)
+
+
+def section_b7(res: Results) -> str:
+    rows = []
+    for mode, ours_impl, base_impl, base_label in (
+            ("sync", "stepflow_sync", "vector_function", "vector<std::function>"),
+            ("async", "stepflow_async", "torch_port", "(b) torch port")):
+        for capture in (16, 48):
+            ours = res.find("B7_alloc", ours_impl, capture=capture)
+            base = res.find("B7_alloc", base_impl, capture=capture)
+            rows.append([
+                mode, f"{capture} B",
+                fmt_num(ours.get("closures"), 0) if ours else "n/a",
+                fmt_num(ours.get("news"), 0) if ours else "n/a",
+                fmt_num(ours.get("new_per_closure"), 7) if ours else "n/a",
+                fmt_num(ours.get("malloc_per_closure"), 7) if ours else "n/a",
+                base_label,
+                fmt_num(base.get("new_per_closure"), 4) if base else "n/a",
+            ])
+    return table(["mode", "capture", "closures measured", "stepflow operator new calls",
+                  "stepflow new / closure", "stepflow malloc / closure", "baseline",
+                  "baseline new / closure"], rows)
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+def targets(res: Results) -> list[list[str]]:
+    rows = []
+
+    def add(target: str, measured: str, ok: bool | None):
+        rows.append([target, measured, verdict(ok)])
+
+    # B1
+    for capture, need, text in ((48, 1.5, "≥ 1.5× faster than vector<std::function>"),
+                                (16, 1.0, "no slower than vector<std::function>")):
+        ours = ns(res.find("B1_sync", "stepflow", capture=capture, n=100))
+        base = ns(res.find("B1_sync", "vector_function", capture=capture, n=100))
+        ok = None if ours is None or base is None else base / ours >= need
+        add(f"B1 sync, N = 100, {capture}-byte captures: {text}",
+            f"{fmt_num(ours)} vs {fmt_num(base)} ns/closure = {fmt_ratio(base, ours)}", ok)
+    # B2
+    for capture in (48, 16):
+        ours = ns(res.find("B2_async", "stepflow", capture=capture))
+        a = ns(res.find("B2_async", "tbb_task_per_closure", capture=capture))
+        b = ns(res.find("B2_async", "torch_port", capture=capture))
+        add(f"B2 async end to end, {capture} B: ≥ 30× faster than (a) task per closure",
+            f"{fmt_ratio(a, ours)} ({fmt_num(a)} vs {fmt_num(ours)} ns)",
+            None if None in (a, ours) else a / ours >= 30)
+        add(f"B2 async end to end, {capture} B: ≥ 30× faster than (b) torch port",
+            f"{fmt_ratio(b, ours)} ({fmt_num(b)} vs {fmt_num(ours)} ns)",
+            None if None in (b, ours) else b / ours >= 30)
+        add(f"B2 async end to end, {capture} B: ≤ 10 ns per closure",
+            f"{fmt_num(ours)} ns", None if ours is None else ours <= 10)
+    # B3
+    for capture in (48, 16):
+        ours = ns(res.find("B3_producer", "stepflow", capture=capture, per_step=100))
+        add(f"B3 producer, {capture} B, 100 per step: ≤ 10 ns per closure in run_step_closures",
+            f"{fmt_num(ours)} ns", None if ours is None else ours <= 10)
+    # B4
+    devices, steps, _ = b4_data(res)
+    if devices:
+        base = devices[0]["ns_per_closure"]
+        dev = [r["ns_per_closure"] / base - 1 for r in devices]
+        worst = max(dev, key=abs)
+        add("B4 per-closure cost within ±25% from 1 to 64 devices",
+            f"worst {worst * 100:+.0f}% ({', '.join(fmt_num(r['ns_per_closure']) for r in devices)}"
+            f" ns for {', '.join(str(r.args['devices']) for r in devices)} devices)",
+            all(abs(d) <= 0.25 for d in dev))
+    if steps:
+        base = steps[0]["ns_per_closure"]
+        dev = [r["ns_per_closure"] / base - 1 for r in steps]
+        worst = max(dev, key=abs)
+        add("B4 per-closure cost within ±25% from 1e3 to 1e6 steps",
+            f"worst {worst * 100:+.0f}% ({', '.join(fmt_num(r['ns_per_closure']) for r in steps)}"
+            f" ns for 1e3…1e6 steps)",
+            all(abs(d) <= 0.25 for d in dev))
+        first, last = steps[0].get("peak_growth_kib"), steps[-1].get("peak_growth_kib")
+        ok = None if first is None or last is None or last < 0 else last <= first + 1024
+        add("B4 peak memory does not grow with the number of steps (bounded queue; "
+            "tolerance 1 MiB)",
+            f"peak RSS growth {fmt_num(first, 0)} KiB at 1e3 steps, {fmt_num(last, 0)} KiB at "
+            f"1e6 steps", ok)
+    # B5
+    for (period, gap), label, limit in B5_REGIMES:
+        r = res.find("B5_latency", "stepflow", period_us=period, gap=gap)
+        p99 = None if r is None else r.get("p99_ns")
+        add(f"B5 latency, {label}: p99 ≤ {limit // 1000} µs",
+            f"p99 {us(p99)} µs (p50 {us(r.get('p50_ns')) if r else 'n/a'} µs)",
+            None if p99 is None else p99 <= limit)
+    # B6
+    add("B6 lockstep ≤ 2× per_device per step", "not measured: lockstep is not built yet (TODO)",
+        None)
+    # B7
+    for impl, mode in (("stepflow_sync", "sync"), ("stepflow_async", "async")):
+        for capture in (16, 48):
+            r = res.find("B7_alloc", impl, capture=capture)
+            news = None if r is None else r.get("news")
+            per = None if r is None else r.get("new_per_closure")
+            add(f"B7 zero heap allocations per closure, {mode}, {capture} B (steady state)",
+                "n/a" if r is None else
+                f"{fmt_num(per, 7)} per closure ({fmt_num(news, 0)} operator new calls in the run)",
+                None if news is None else news == 0)
+    return rows
+
+
+def section_targets(res: Results) -> str:
+    return table(["target (issue 5)", "measured (median of 3)", "result"], targets(res))
+
+
+# --- plot --------------------------------------------------------------------------------------
+
+def plot_b4(res: Results, png: Path) -> bool:
+    devices, steps, _ = b4_data(res)
+    if not devices and not steps:
+        print("bench_report: no B4 results, no plot", file=sys.stderr)
+        return False
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        print("bench_report: gnuplot not found (apt-get install gnuplot-nox); no plot",
+              file=sys.stderr)
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        d_dat = Path(tmp) / "devices.dat"
+        s_dat = Path(tmp) / "steps.dat"
+        d_dat.write_text("".join(f"{r.args['devices']} {r['ns_per_closure']}\n"
+                                 for r in devices))
+        s_dat.write_text("".join(
+            f"{r.args['steps']} {r['ns_per_closure']} {r.get('peak_growth_kib', 0) / 1024}\n"
+            for r in steps))
+        d_base = devices[0]["ns_per_closure"] if devices else 1
+        s_base = steps[0]["ns_per_closure"] if steps else 1
+        script = f"""
+set terminal pngcairo size 1200,480 font ",10"
+set output '{png}'
+set multiplot layout 1,2 title "B4 scaling: stepflow, asynchronous closures end to end (48-byte captures, queue bound 100, median of 3)"
+set grid
+set key top left
+set logscale x 2
+set xlabel "devices (1e6 closures in total, 100 per device step)"
+set ylabel "ns per closure"
+set yrange [0:*]
+set xrange [0.8:80]
+plot '{d_dat}' using 1:2 with linespoints lw 2 pt 7 title "ns per closure", \\
+     {d_base * 1.25} with lines dt 2 lc rgb "gray" title "+25% of 1 device", \\
+     {d_base * 0.75} with lines dt 2 lc rgb "gray" title "-25% of 1 device"
+unset logscale x
+set logscale x 10
+set xrange [500:2e6]
+set xlabel "steps (1 device, 100 closures per step)"
+set ylabel "ns per closure"
+set y2label "peak RSS growth (MiB)"
+set y2tics
+set ytics nomirror
+set y2range [0:*]
+plot '{s_dat}' using 1:2 with linespoints lw 2 pt 7 title "ns per closure", \\
+     {s_base * 1.25} with lines dt 2 lc rgb "gray" title "+25% of 1e3 steps", \\
+     {s_base * 0.75} with lines dt 2 lc rgb "gray" title "-25% of 1e3 steps", \\
+     '{s_dat}' using 1:3 axes x1y2 with linespoints lw 2 pt 5 title "peak RSS growth (MiB)"
+unset multiplot
+"""
+        subprocess.run([gnuplot], input=script, text=True, check=True)
+    return True
+
+
+# --- document ----------------------------------------------------------------------------------
+
+def skeleton() -> str:
+    parts = ["# Benchmarks\n"]
+    for s in SECTIONS:
+        parts.append(f"## {s}\n\n<!-- report:{s} -->\n<!-- /report:{s} -->\n")
+    return "\n".join(parts)
+
+
+def update_doc(doc: Path, sections: dict[str, str]) -> None:
+    text = doc.read_text() if doc.exists() else skeleton()
+    for sid, body in sections.items():
+        pattern = re.compile(rf"(<!-- report:{re.escape(sid)} -->\n).*?(<!-- /report:{re.escape(sid)} -->)",
+                             re.S)
+        if not pattern.search(text):
+            print(f"bench_report: no <!-- report:{sid} --> block in {doc}; section skipped",
+                  file=sys.stderr)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--build-dir", type=Path, default=ROOT / "build" / "bench",
+                   help="CMake build directory of the `bench` preset (default: build/bench)")
+    p.add_argument("--results", type=Path, default=ROOT / "bench-results",
+                   help="where the JSON files go / are read from (default: bench-results)")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "benchmarks-b4.png")
+    p.add_argument("--run", action="store_true", help="run the benchmarks first")
+    p.add_argument("--only", nargs="*", help="with --run: binaries or ids (e.g. B2 alloc_bench)")
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=None,
+                   help="--benchmark_min_time for every binary (default: Google Benchmark's)")
+    p.add_argument("--no-doc", action="store_true", help="print the tables, leave docs alone")
+    p.add_argument("extra", nargs="*", help="extra flags for the benchmark binaries (after --)")
+    args = p.parse_args()
+
+    if args.run:
+        run_benchmarks(args.build_dir, args.results, args.repetitions, args.min_time, args.only,
+                       args.extra)
+    res = Results(args.results)
+    if not res.items:
+        sys.exit(f"bench_report: no results in {args.results}; run with --run")
+
+    sections = {
+        "machine": section_machine(res),
+        "commands": section_commands(args),
+        "targets": section_targets(res),
+        "B1": section_b1(res),
+        "B2": section_b2(res),
+        "B3": section_b3(res),
+        "B4": section_b4(res),
+        "B5": section_b5(res),
+        "B7": section_b7(res),
+    }
+    print(sections["targets"])
+    if args.no_doc:
+        for sid, body in sections.items():
+            print(f"\n## {sid}\n\n{body}")
+        return 0
+    update_doc(args.doc, sections)
+    print(f"bench_report: wrote {os.path.relpath(args.doc, Path.cwd())}")
+    if plot_b4(res, args.plot):
+        print(f"bench_report: wrote {os.path.relpath(args.plot, Path.cwd())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
