@@ -117,8 +117,8 @@ class async_queue {
   std::size_t admitted_batches_ = 0;
   std::uint64_t reserved_seq_ = 0;  // closures ever reserved
   std::uint64_t admitted_seq_ = 0;  // closures ever admitted or discarded before admission
-  bool draining_ = false;      // someone holds the right to run closures
-  bool task_pending_ = false;  // a drainer task is enqueued and has not started
+  bool draining_ = false;           // someone holds the right to run closures
+  bool task_pending_ = false;       // a drainer task is enqueued and has not started
   std::exception_ptr failure_;
   bool failed_ = false;  // fail-stop: from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
@@ -126,8 +126,8 @@ class async_queue {
   // Atomics: read without the lock by waiters and counters.
   alignas(64) std::atomic<std::size_t> pending_{0};
   std::atomic<std::uint64_t> handed_over_{0};  // reserved closures (flush tickets)
-  std::atomic<bool> has_unadmitted_{false};     // some reserved batch waits for room
-  std::atomic<std::uint64_t> finished_{0};  // ran or discarded
+  std::atomic<bool> has_unadmitted_{false};    // some reserved batch waits for room
+  std::atomic<std::uint64_t> finished_{0};     // ran or discarded
   std::atomic<std::uint64_t> ran_count_{0};
   std::atomic<std::uint64_t> failed_count_{0};
   std::atomic<std::uint64_t> discarded_count_{0};

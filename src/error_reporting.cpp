@@ -19,10 +19,10 @@ std::string describe_exception(const std::exception_ptr& error) {
 }
 
 void throw_async_closure_error(std::string_view device, const async_failure& failure) {
-  const std::string message = fmt::format(
-      "{} on device '{}': {} ({} queued asynchronous closure{} discarded)", async_failure_prefix,
-      device, describe_exception(failure.error), failure.discarded,
-      failure.discarded == 1 ? " was" : "s were");
+  const std::string message =
+      fmt::format("{} on device '{}': {} ({} queued asynchronous closure{} discarded)",
+                  async_failure_prefix, device, describe_exception(failure.error),
+                  failure.discarded, failure.discarded == 1 ? " was" : "s were");
   try {
     std::rethrow_exception(failure.error);
   } catch (...) {
@@ -43,9 +43,8 @@ std::string format_shutdown_report(const shutdown_report& report) {
           d.discarded == 1 ? "" : "s");
     }
     if (d.never_run != 0) {
-      text += fmt::format(
-          "  device '{}': {} closure{} added after its last step end never ran\n", d.device,
-          d.never_run, d.never_run == 1 ? "" : "s");
+      text += fmt::format("  device '{}': {} closure{} added after its last step end never ran\n",
+                          d.device, d.never_run, d.never_run == 1 ? "" : "s");
     }
   }
   return text;

@@ -33,9 +33,10 @@ void mark_dead(const void* object) noexcept {
 void check_alive(const void* object, const char* operation) {
   std::lock_guard lock(registry_mutex());
   if (registry().count(object) == 0) {
-    throw error(fmt::format("stepflow: device_context::{} called on a device whose scheduler was "
-                            "destroyed (dangling reference)",
-                            operation));
+    throw error(
+        fmt::format("stepflow: device_context::{} called on a device whose scheduler was "
+                    "destroyed (dangling reference)",
+                    operation));
   }
 }
 

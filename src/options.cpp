@@ -39,10 +39,10 @@ std::size_t parse_max_queue_size(const char* variable, const std::string& value)
     digits.remove_prefix(1);
   }
   if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos) {
-    throw config_error(fmt::format(
-        "{}=\"{}\" is not an integer: expected an optional sign and decimal digits "
-        "(0 or negative means unbounded)",
-        variable, value));
+    throw config_error(
+        fmt::format("{}=\"{}\" is not an integer: expected an optional sign and decimal digits "
+                    "(0 or negative means unbounded)",
+                    variable, value));
   }
   // Magnitude limit of std::int64_t: 2^63 - 1, or 2^63 for a negative value.
   const std::uint64_t limit =
@@ -51,9 +51,10 @@ std::size_t parse_max_queue_size(const char* variable, const std::string& value)
   for (const char c : digits) {
     const auto digit = static_cast<std::uint64_t>(c - '0');
     if (magnitude > (limit - digit) / 10) {
-      throw config_error(fmt::format("{}=\"{}\" is out of range: it must fit in a 64-bit signed "
-                                     "integer",
-                                     variable, value));
+      throw config_error(
+          fmt::format("{}=\"{}\" is out of range: it must fit in a 64-bit signed "
+                      "integer",
+                      variable, value));
     }
     magnitude = magnitude * 10 + digit;
   }

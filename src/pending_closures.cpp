@@ -131,4 +131,3 @@ void pending_closures::recycle(chunk* c) noexcept {
 }
 
 }  // namespace stepflow::detail
-

@@ -65,7 +65,7 @@ class pending_closures {
 
   // Other threads' closures.
   alignas(64) mutable std::mutex shared_mutex_;
-  std::vector<tagged> shared_;  // guarded by shared_mutex_
+  std::vector<tagged> shared_;       // guarded by shared_mutex_
   std::uint64_t shared_pushed_ = 0;  // guarded by shared_mutex_
 
   // Chunks the consumer finished, for the owner to reuse.

@@ -39,8 +39,8 @@ class scheduler_state {
     auto it = devices_.find(name);
     if (it == devices_.end()) {
       it = devices_
-               .emplace(std::string(name), std::make_unique<device_state>(
-                                               owner_, std::string(name), options_, arena_))
+               .emplace(std::string(name),
+                        std::make_unique<device_state>(owner_, std::string(name), options_, arena_))
                .first;
     }
     return *it->second;

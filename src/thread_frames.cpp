@@ -16,9 +16,7 @@ std::uint64_t this_thread_id() noexcept {
   return id;
 }
 
-async_frame::async_frame() noexcept : previous_(innermost_async) {
-  innermost_async = this;
-}
+async_frame::async_frame() noexcept : previous_(innermost_async) { innermost_async = this; }
 async_frame::~async_frame() { innermost_async = previous_; }
 bool async_frame::active() noexcept { return innermost_async != nullptr; }
 

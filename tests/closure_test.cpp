@@ -20,7 +20,8 @@ std::size_t allocations = 0;
 struct lifetime_counter {
   int* destroyed;
   explicit lifetime_counter(int* d) : destroyed(d) {}
-  lifetime_counter(lifetime_counter&& o) noexcept : destroyed(std::exchange(o.destroyed, nullptr)) {}
+  lifetime_counter(lifetime_counter&& o) noexcept
+      : destroyed(std::exchange(o.destroyed, nullptr)) {}
   lifetime_counter(const lifetime_counter&) = delete;
   ~lifetime_counter() {
     if (destroyed != nullptr) ++*destroyed;

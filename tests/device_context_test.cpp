@@ -55,8 +55,9 @@ TEST(Capture, MoveOnlyCallablesAndArgumentsWork) {
   std::atomic<int> seen_async{0};  // written on a worker while the sync closures run
   d.add_step_closure([p = std::make_unique<int>(3), &seen] { seen += *p; });
   d.add_step_closure([&seen](std::unique_ptr<int> p) { seen += *p; }, std::make_unique<int>(4));
-  d.add_step_closure(run_async, [&seen_async](std::unique_ptr<int> p) { seen_async += *p; },
-                     std::make_unique<int>(10));
+  d.add_step_closure(
+      run_async, [&seen_async](std::unique_ptr<int> p) { seen_async += *p; },
+      std::make_unique<int>(10));
   d.run_step_closures();
   d.flush();
   EXPECT_EQ(seen, 7);

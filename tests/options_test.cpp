@@ -58,8 +58,7 @@ TEST(Options, MaxQueueSizeAcceptsSignedDecimalIntegers) {
   EXPECT_EQ(parse_max_queue_size("V", "0"), 0u);   // unbounded
   EXPECT_EQ(parse_max_queue_size("V", "-1"), 0u);  // unbounded, as in torch
   EXPECT_EQ(parse_max_queue_size("V", "-9223372036854775808"), 0u);
-  EXPECT_EQ(parse_max_queue_size("V", "9223372036854775807"),
-            static_cast<std::size_t>(INT64_MAX));
+  EXPECT_EQ(parse_max_queue_size("V", "9223372036854775807"), static_cast<std::size_t>(INT64_MAX));
 }
 
 TEST(Options, MaxQueueSizeRejectsAnythingElseNamingVariableAndValue) {

@@ -150,9 +150,7 @@ TEST_P(Scheduler, ManyThreadsAddToOneDeviceWhileItsStepsEnd) {
   for (int t = 0; t < threads; ++t) {
     adders.emplace_back([&, t] {
       for (int i = 0; i < per_thread; ++i) {
-        auto body = [&, t, i] {
-          runs[static_cast<std::size_t>(t * per_thread + i)].fetch_add(1);
-        };
+        auto body = [&, t, i] { runs[static_cast<std::size_t>(t * per_thread + i)].fetch_add(1); };
         if (i % 2 == 0) {
           d.add_step_closure(body);
         } else {
@@ -194,19 +192,18 @@ TEST_P(Scheduler, StepEndsFromTbbWorkersPipelinesAndArenasWithAFullQueue) {
   // From a serial parallel_pipeline filter.
   device_context& p = s.device("pipeline");
   int produced = 0;
-  const auto steps =
-      tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
-                                  [&](tbb::flow_control& fc) {
-                                    testing::tbb_body_scope scope;
-                                    if (produced == 100) fc.stop();
-                                    return produced++;
-                                  }) &
-      tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int) {
-        testing::tbb_body_scope scope;
-        p.add_step_closure(run_async, [&] { ++ran; });
-        p.add_step_closure(run_async, [&] { ++ran; });
-        p.run_step_closures();
-      });
+  const auto steps = tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
+                                                 [&](tbb::flow_control& fc) {
+                                                   testing::tbb_body_scope scope;
+                                                   if (produced == 100) fc.stop();
+                                                   return produced++;
+                                                 }) &
+                     tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int) {
+                       testing::tbb_body_scope scope;
+                       p.add_step_closure(run_async, [&] { ++ran; });
+                       p.add_step_closure(run_async, [&] { ++ran; });
+                       p.run_step_closures();
+                     });
   testing::before_tbb_algorithm();
   tbb::parallel_pipeline(4, steps);
   testing::after_tbb_algorithm();
@@ -234,22 +231,21 @@ TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
   std::atomic<int> ran{0};
   std::atomic<bool> release{false};
   int produced = 0;
-  const auto steps =
-      tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
-                                  [&](tbb::flow_control& fc) {
-                                    testing::tbb_body_scope scope;
-                                    if (produced == 10) fc.stop();
-                                    return produced++;
-                                  }) &
-      tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int i) {
-        testing::tbb_body_scope scope;
-        d.add_step_closure(run_async, [&] {
-          while (!release.load()) std::this_thread::yield();
-          ++ran;
-        });
-        d.run_step_closures();
-        if (i == 5) throw std::runtime_error("pipeline");
-      });
+  const auto steps = tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
+                                                 [&](tbb::flow_control& fc) {
+                                                   testing::tbb_body_scope scope;
+                                                   if (produced == 10) fc.stop();
+                                                   return produced++;
+                                                 }) &
+                     tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int i) {
+                       testing::tbb_body_scope scope;
+                       d.add_step_closure(run_async, [&] {
+                         while (!release.load()) std::this_thread::yield();
+                         ++ran;
+                       });
+                       d.run_step_closures();
+                       if (i == 5) throw std::runtime_error("pipeline");
+                     });
   testing::before_tbb_algorithm();
   EXPECT_THROW(tbb::parallel_pipeline(2, steps), std::runtime_error);
   testing::after_tbb_algorithm();

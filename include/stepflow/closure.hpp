@@ -26,8 +26,7 @@ class closure {
   /// Wraps `f` (decay-copied). Precondition: `f` is callable as an rvalue or lvalue with no
   /// arguments. Null checks are the caller's job (see `detail::check_not_null`).
   template <class F, class D = std::decay_t<F>>
-    requires(!std::is_same_v<D, closure> && std::is_constructible_v<D, F &&>)
-  explicit closure(F&& f) {
+  requires(!std::is_same_v<D, closure> && std::is_constructible_v<D, F&&>) explicit closure(F&& f) {
     if constexpr (stored_inline<D>) {
       ::new (static_cast<void*>(storage_)) D(std::forward<F>(f));
       ops_ = &inline_ops<D>;
@@ -76,8 +75,7 @@ class closure {
   template <class D>
   static constexpr bool stored_inline = sizeof(D) <= inline_size &&
                                         alignof(D) <= alignof(std::max_align_t) &&
-                                        alignof(D) <= 8 &&
-                                        std::is_nothrow_move_constructible_v<D>;
+                                        alignof(D) <= 8 && std::is_nothrow_move_constructible_v<D>;
 
   template <class D>
   static void call(D& f) {

@@ -43,8 +43,8 @@ class device_context {
   /// is discarded. Never blocks. Throws `std::invalid_argument` for a null function pointer or
   /// an empty `std::function`.
   template <class F, class... Args>
-    requires(!std::is_same_v<std::decay_t<F>, run_async_t>)
-  void add_step_closure(F&& f, Args&&... args) {
+  requires(!std::is_same_v<std::decay_t<F>, run_async_t>) void add_step_closure(F&& f,
+                                                                                Args&&... args) {
     push(detail::make_closure(std::forward<F>(f), std::forward<Args>(args)...), false);
   }
 

@@ -19,8 +19,8 @@ device_context& get_device_context(std::string_view device = {});
 
 /// `add_step_closure` on the default device.
 template <class F, class... Args>
-  requires(!std::is_same_v<std::decay_t<F>, run_async_t>)
-void add_step_closure(F&& f, Args&&... args) {
+requires(!std::is_same_v<std::decay_t<F>, run_async_t>) void add_step_closure(F&& f,
+                                                                              Args&&... args) {
   get_device_context().add_step_closure(std::forward<F>(f), std::forward<Args>(args)...);
 }
 

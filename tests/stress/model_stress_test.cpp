@@ -128,7 +128,8 @@ struct round_config {
 
 class stress_round {
  public:
-  stress_round(const round_config& c, std::uint64_t seed) : config_(c), seed_(seed), model_(200000) {
+  stress_round(const round_config& c, std::uint64_t seed)
+      : config_(c), seed_(seed), model_(200000) {
     model_.last_seq.assign(static_cast<std::size_t>(c.devices),
                            std::vector<std::int64_t>(static_cast<std::size_t>(c.threads) + 1, -1));
   }
@@ -145,7 +146,8 @@ class stress_round {
         }
       };
       scheduler s(o);
-      for (int d = 0; d < config_.devices; ++d) devices_.push_back(&s.device("d" + std::to_string(d)));
+      for (int d = 0; d < config_.devices; ++d)
+        devices_.push_back(&s.device("d" + std::to_string(d)));
       std::vector<std::thread> threads;
       for (int t = 0; t < config_.threads; ++t) {
         threads.emplace_back([this, t] { drive(t); });

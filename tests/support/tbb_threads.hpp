@@ -14,7 +14,8 @@ namespace stepflow::testing {
 class with_tbb_threads : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
-    limit_.emplace(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(GetParam()));
+    limit_.emplace(tbb::global_control::max_allowed_parallelism,
+                   static_cast<std::size_t>(GetParam()));
   }
   void TearDown() override { limit_.reset(); }
 
@@ -29,6 +30,6 @@ inline std::string thread_count_name(const ::testing::TestParamInfo<int>& info) 
 }  // namespace stepflow::testing
 
 /// Instantiates a `with_tbb_threads`-derived suite at 1, 2 and 4 threads.
-#define STEPFLOW_AT_1_2_4_THREADS(suite)                                              \
-  INSTANTIATE_TEST_SUITE_P(Threads, suite, ::testing::Values(1, 2, 4),             \
+#define STEPFLOW_AT_1_2_4_THREADS(suite)                               \
+  INSTANTIATE_TEST_SUITE_P(Threads, suite, ::testing::Values(1, 2, 4), \
                            ::stepflow::testing::thread_count_name)

@@ -22,11 +22,13 @@ struct is_std_function<std::function<Sig>> : std::true_type {};
 template <class D>
 void check_not_null(const D& f) {
   if constexpr (std::is_pointer_v<D> || std::is_member_pointer_v<D>) {
-    if (f == nullptr) throw std::invalid_argument("stepflow: add_step_closure got a null function pointer");
+    if (f == nullptr)
+      throw std::invalid_argument("stepflow: add_step_closure got a null function pointer");
   } else if constexpr (is_std_function<D>::value) {
     if (!f) throw std::invalid_argument("stepflow: add_step_closure got an empty std::function");
   } else if constexpr (std::is_same_v<D, closure>) {
-    if (!f) throw std::invalid_argument("stepflow: add_step_closure got an empty stepflow::closure");
+    if (!f)
+      throw std::invalid_argument("stepflow: add_step_closure got an empty stepflow::closure");
   }
 }
 
@@ -61,8 +63,8 @@ closure make_closure(F&& f, Args&&... args) {
   if constexpr (sizeof...(Args) == 0 && !std::is_member_pointer_v<D>) {
     return closure(std::forward<F>(f));
   } else {
-    return closure(bound_call<D, std::decay_t<Args>...>{std::forward<F>(f),
-                                                         {std::forward<Args>(args)...}});
+    return closure(
+        bound_call<D, std::decay_t<Args>...>{std::forward<F>(f), {std::forward<Args>(args)...}});
   }
 }
 
