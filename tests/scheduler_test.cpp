@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "support/tbb_threads.hpp"
@@ -252,6 +253,40 @@ TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
   release = true;
   d.flush();
   EXPECT_EQ(ran.load(), 6);
+}
+
+TEST_P(Scheduler, MemoryStaysFlatWhileTheProducerOutpacesTheClosures) {
+  // 50,000 steps of closures slower than their producer: with the default bound the queue never
+  // holds more than 100 of them, so the peak number alive stays bounded whatever the step count.
+  scheduler s(quiet_options(100));
+  device_context& d = s.device("d");
+  std::atomic<int> alive{0};
+  std::atomic<int> peak{0};
+  struct counted {
+    std::atomic<int>* alive;
+    std::atomic<int>* peak;
+    counted(std::atomic<int>* a, std::atomic<int>* p) : alive(a), peak(p) {
+      const int now = alive->fetch_add(1) + 1;
+      int seen = peak->load();
+      while (now > seen && !peak->compare_exchange_weak(seen, now)) {
+      }
+    }
+    counted(counted&& o) noexcept : alive(std::exchange(o.alive, nullptr)), peak(o.peak) {}
+    ~counted() {
+      if (alive != nullptr) alive->fetch_sub(1);
+    }
+  };
+  for (int step = 0; step < 50000; ++step) {
+    d.add_step_closure(run_async, [c = counted(&alive, &peak)] {
+      for (int spin = 0; spin < 50; ++spin)
+        c.peak->load(std::memory_order_relaxed);  // slow it down
+    });
+    d.run_step_closures();
+  }
+  d.flush();
+  EXPECT_EQ(alive.load(), 0);
+  // 100 pending + the one running + the one being added + a step's batch in hand.
+  EXPECT_LE(peak.load(), 103);
 }
 
 STEPFLOW_AT_1_2_4_THREADS(Scheduler);
