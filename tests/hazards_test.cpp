@@ -155,7 +155,7 @@ struct report_sink {
 /// claim), calls `unblock` from a helper thread so the test can fail instead of hanging.
 /// Returns true when `call` returned without that help.
 template <class Call, class Unblock>
-bool returns_without_help(Call&& call, Unblock&& unblock, std::chrono::seconds bound = 5s) {
+bool returns_without_help(Call&& call, Unblock&& unblock, std::chrono::seconds bound = 4s) {
   std::mutex m;
   std::condition_variable cv;
   bool returned = false;
@@ -438,6 +438,36 @@ TEST_P(Hazards, H3_FailureRecordedBeforeACallIsReportedByThatCall) {
   }
 }
 
+// flush() waits until the closures handed over before it have run, then reports: when one of
+// them failed, that flush reports it, every time. Stress: the test thread calls flush() while
+// a worker is inside the failing closure, 10000 rounds.
+TEST_P(Hazards, H3_FlushReportsTheFailureOfAClosureItWaitedFor) {
+  watchdog dog("flush racing a failing closure");
+  stepflow::scheduler sched(test_options());
+  stepflow::device_context& dev = sched.device("h3");
+  constexpr int rounds = 10000;
+  std::atomic<int> started{-1};
+  int missed = 0;
+  for (int round = 0; round < rounds; ++round) {
+    dev.add_step_closure(run_async, [&started, round] {
+      started.store(round);
+      throw closure_failure("h3 racing flush");
+    });
+    if (async_error_from([&] { dev.run_step_closures(); })) {
+      ++missed;  // the previous round's failure surfaced only now
+      dev.run_step_closures();
+    }
+    while (started.load() < round) std::this_thread::yield();
+    if (!async_error_from([&] { dev.flush(); })) {
+      ++missed;
+      // Recorded after that flush returned: wait until some call reports it.
+      while (!async_error_from([&] { dev.flush(); })) std::this_thread::yield();
+    }
+  }
+  EXPECT_EQ(missed, 0) << "flush() returned normally although a closure it waited for had failed "
+                          "(the failure was reported by a later call)";
+}
+
 // --- H4: torch's idle worker can exit just as a closure is enqueued -----------------------------
 
 // Closures handed over to a queue that just went idle run with no further call: no flush, no
@@ -542,7 +572,8 @@ TEST_P(Hazards, H6_NonStdExceptionIsCapturedAndNested) {
       dev.flush();
     } catch (const stepflow::async_closure_error& e) {
       reported = true;
-      EXPECT_TRUE(std::string_view(e.what()).starts_with(stepflow::async_failure_prefix)) << e.what();
+      EXPECT_TRUE(std::string_view(e.what()).starts_with(stepflow::async_failure_prefix))
+          << e.what();
       EXPECT_EQ(e.discarded(), 1u);
       try {
         std::rethrow_if_nested(e);
@@ -980,8 +1011,8 @@ TEST_P(Hazards, FullQueue_RunningClosureIsNotPending) {
   dev.run_step_closures();
   started.wait();  // running now: no longer pending, the queue is empty
   dev.add_step_closure(run_async, [&] { order.push_back(1); });
-  const bool returned = returns_without_help([&] { dev.run_step_closures(); },
-                                             [&] { release.count_down(); });
+  const bool returned =
+      returns_without_help([&] { dev.run_step_closures(); }, [&] { release.count_down(); });
   EXPECT_TRUE(returned)
       << "the step end blocked on a full queue although the only closure handed over had started "
          "(bound 1; \"pending\" is handed over and not yet started)";
@@ -1008,8 +1039,8 @@ TEST_P(Hazards, FullQueue_FinishedClosuresAreNotPending) {
   dev.run_step_closures();
   started.wait();  // the first returned, the second runs: nothing pending
   dev.add_step_closure(run_async, [&] { order.push_back(2); });
-  const bool returned = returns_without_help([&] { dev.run_step_closures(); },
-                                             [&] { release.count_down(); });
+  const bool returned =
+      returns_without_help([&] { dev.run_step_closures(); }, [&] { release.count_down(); });
   EXPECT_TRUE(returned)
       << "the step end blocked on a full queue although nothing was pending (bound 2: one closure "
          "finished, one running)";
@@ -1027,14 +1058,15 @@ TEST_P(Hazards, FullQueue_StepEndFromParallelForBodyNeverDeadlocks) {
   for (int i = 0; i < 4; ++i) devs.push_back(&sched.device("pf" + std::to_string(i)));
   std::atomic<int> async_runs{0};
   std::atomic<int> sync_runs{0};
-  stepflow::testing::before_tbb_algorithm();
-  tbb::parallel_for(0, 400, [&](int i) {
+  const auto body = [&](int i) {
     stepflow::testing::tbb_body_scope scope;
     stepflow::device_context& dev = *devs[static_cast<std::size_t>(i % 4)];
     for (int k = 0; k < 3; ++k) dev.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
     dev.add_step_closure([&] { sync_runs.fetch_add(1); });
     dev.run_step_closures();
-  });
+  };
+  stepflow::testing::before_tbb_algorithm();  // after `body` exists: TSan sees it built first
+  tbb::parallel_for(0, 400, body);
   stepflow::testing::after_tbb_algorithm();
   for (stepflow::device_context* dev : devs) dev->run_step_closures();
   sched.flush();
@@ -1058,40 +1090,38 @@ TEST_P(Hazards, FullQueue_StepEndFromParallelPipelineFilterNeverDeadlocks) {
   std::atomic<bool> in_sink{false};
   std::atomic<int> reentered{0};
   std::atomic<int> out_of_order{0};
-  stepflow::testing::before_tbb_algorithm();
-  tbb::parallel_pipeline(
-      8,
-      tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order,
-                                  [&](tbb::flow_control& fc) {
-                                    stepflow::testing::tbb_body_scope scope;
-                                    if (next == tokens) {
-                                      fc.stop();
-                                      return 0;
-                                    }
-                                    return next++;
-                                  }) &
-          tbb::make_filter<int, int>(tbb::filter_mode::parallel,
-                                     [&](int i) {
-                                       stepflow::testing::tbb_body_scope scope;
-                                       for (int k = 0; k < 2; ++k) {
-                                         middle.add_step_closure(
-                                             run_async, [&] { async_runs.fetch_add(1); });
-                                       }
-                                       middle.add_step_closure([&] { sync_runs.fetch_add(1); });
-                                       middle.run_step_closures();
-                                       return i;
-                                     }) &
-          tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int i) {
-            stepflow::testing::tbb_body_scope scope;
-            if (in_sink.exchange(true)) reentered.fetch_add(1);
-            if (i <= last_sunk) out_of_order.fetch_add(1);
-            last_sunk = i;
-            sink.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
-            sink.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
-            sink.add_step_closure([&] { sync_runs.fetch_add(1); });
-            sink.run_step_closures();
-            in_sink.store(false);
-          }));
+  const auto source = [&](tbb::flow_control& fc) {
+    stepflow::testing::tbb_body_scope scope;
+    if (next == tokens) {
+      fc.stop();
+      return 0;
+    }
+    return next++;
+  };
+  const auto parallel_stage = [&](int i) {
+    stepflow::testing::tbb_body_scope scope;
+    for (int k = 0; k < 2; ++k)
+      middle.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
+    middle.add_step_closure([&] { sync_runs.fetch_add(1); });
+    middle.run_step_closures();
+    return i;
+  };
+  const auto serial_sink = [&](int i) {
+    stepflow::testing::tbb_body_scope scope;
+    if (in_sink.exchange(true)) reentered.fetch_add(1);
+    if (i <= last_sunk) out_of_order.fetch_add(1);
+    last_sunk = i;
+    sink.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
+    sink.add_step_closure(run_async, [&] { async_runs.fetch_add(1); });
+    sink.add_step_closure([&] { sync_runs.fetch_add(1); });
+    sink.run_step_closures();
+    in_sink.store(false);
+  };
+  const auto filters = tbb::make_filter<void, int>(tbb::filter_mode::serial_in_order, source) &
+                       tbb::make_filter<int, int>(tbb::filter_mode::parallel, parallel_stage) &
+                       tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, serial_sink);
+  stepflow::testing::before_tbb_algorithm();  // after `filters` exist: TSan sees them built first
+  tbb::parallel_pipeline(8, filters);
   stepflow::testing::after_tbb_algorithm();
   middle.run_step_closures();
   sched.flush();

@@ -93,7 +93,8 @@ TEST_P(TorchParity, SynchronousStepEndReturnsAfterTheClosureFinished) {
 // The closure waits for a latch that is released only after the step end returned, so a step
 // end that waited for it would hang (and the watchdog would name it).
 TEST_P(TorchParity, AsynchronousStepEndReturnsBeforeTheClosureFinished) {
-  watchdog dog("a step end that waited for its asynchronous closure (which waits for the step end)");
+  watchdog dog(
+      "a step end that waited for its asynchronous closure (which waits for the step end)");
   stepflow::scheduler sched(test_options());
   stepflow::device_context& dev = sched.device("lazy");
 
@@ -197,7 +198,8 @@ TEST_P(TorchParity, AsynchronousExceptionIsReportedAtTheNextStepEnd) {
     std::atomic<int> closure2_runs{0};
     bool reported = false;
     try {
-      dev.add_step_closure(stepflow::run_async, [&] { closure2_runs.fetch_add(1); });  // should never execute
+      dev.add_step_closure(stepflow::run_async,
+                           [&] { closure2_runs.fetch_add(1); });  // should never execute
       dev.run_step_closures();
     } catch (const stepflow::async_closure_error& e) {
       reported = true;

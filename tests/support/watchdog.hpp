@@ -6,7 +6,8 @@
 // test and the operation that did not finish. It is a generous bound, never a timing claim: a
 // test that passes is far below it, even under ThreadSanitizer.
 //
-//   stepflow::testing::watchdog dog(std::chrono::seconds(30), "run_step_closures with a full queue");
+//   stepflow::testing::watchdog dog(std::chrono::seconds(30), "run_step_closures with a full
+//   queue");
 //   ... code that could hang ...
 //   // leaving the scope disarms it
 
