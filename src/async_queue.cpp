@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "enqueue_task.hpp"
 #include "thread_frames.hpp"
-#include "tsan.hpp"
 
 namespace stepflow::detail {
 namespace {
@@ -13,8 +13,6 @@ namespace {
 // overlapping (measured on the prototype, see docs/architecture.md).
 constexpr std::size_t release_every = 16;
 constexpr std::size_t initial_ring_slots = 8;
-// Only its address is used, as a ThreadSanitizer synchronisation key.
-[[maybe_unused]] char tsan_handoff_key;
 }  // namespace
 
 async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool)
@@ -22,9 +20,10 @@ async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_poo
 
 async_queue::~async_queue() = default;
 
-std::uint64_t async_queue::reserve(closure_batch&& batch) {
+std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
   const std::size_t n = batch.size();
   lock_type lock(mutex_);
+  last_step_ = std::max(last_step_, step);
   if (n == 0 || failed_) {
     if (n != 0) {
       // Handed over behind a failure that is not reported yet: discarded with it.
@@ -32,12 +31,13 @@ std::uint64_t async_queue::reserve(closure_batch&& batch) {
       discarded_count_.fetch_add(n);
     }
     const std::uint64_t ticket = reserved_seq_;
+    publish_progress_locked();
     lock.unlock();
     pool_.release(std::move(batch));  // destroys the closures outside the lock
     return ticket;
   }
   if (capacity_ == 0 || n <= capacity_) {
-    push_ring_locked(std::move(batch));
+    push_ring_locked(std::move(batch), step);
   } else {
     // Larger than the whole queue: split into entries that each fit once the queue is empty.
     for (std::size_t offset = 0; offset < n; offset += capacity_) {
@@ -45,7 +45,7 @@ std::uint64_t async_queue::reserve(closure_batch&& batch) {
       const std::size_t end = std::min(n, offset + capacity_);
       piece.reserve(end - offset);
       for (std::size_t i = offset; i < end; ++i) piece.push_back(std::move(batch[i]));
-      push_ring_locked(std::move(piece));
+      push_ring_locked(std::move(piece), step);
     }
     pool_.release(std::move(batch));  // only moved-from closures are left in it
   }
@@ -66,19 +66,29 @@ void async_queue::wait_admitted(std::uint64_t ticket) {
     while (admitted_seq_ < ticket) admit_locked(true);
     return;
   }
-  wait_until(lock, [&] { return admitted_seq_ >= ticket; });
+  // Room made between the drainer's chunk boundaries (a closure started) is not announced, so
+  // the wait re-checks every millisecond and admits what fits itself.
+  wait_until(
+      lock,
+      [&] {
+        admit_locked(false);
+        return admitted_seq_ >= ticket;
+      },
+      nullptr, true);
 }
 
-void async_queue::push_ring_locked(closure_batch&& batch) {
+void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
   if (ring_size_ == ring_.size()) {
-    std::vector<closure_batch> bigger(ring_.size() * 2);
+    std::vector<queued_batch> bigger(ring_.size() * 2);
     for (std::size_t i = 0; i < ring_size_; ++i) {
       bigger[i] = std::move(ring_[(ring_head_ + i) % ring_.size()]);
     }
     ring_ = std::move(bigger);
     ring_head_ = 0;
   }
-  ring_[(ring_head_ + ring_size_) % ring_.size()] = std::move(batch);
+  queued_batch& slot = ring_[(ring_head_ + ring_size_) % ring_.size()];
+  slot.items = std::move(batch);
+  slot.step = step;
   ++ring_size_;
   has_unadmitted_.store(true);
 }
@@ -86,11 +96,13 @@ void async_queue::push_ring_locked(closure_batch&& batch) {
 void async_queue::admit_locked(bool force) noexcept {
   bool admitted = false;
   while (admitted_batches_ < ring_size_) {
-    const std::size_t n = ring_[(ring_head_ + admitted_batches_) % ring_.size()].size();
-    // Dekker with finished(): has_unadmitted_ is set before pending_ is read here, and the
-    // drainer lowers pending_ before it reads has_unadmitted_, so one of the two admits.
-    if (!force && capacity_ != 0 && pending_.load() + n > capacity_) break;
-    const std::size_t pending = pending_.fetch_add(n) + n;
+    const std::size_t n = ring_[(ring_head_ + admitted_batches_) % ring_.size()].items.size();
+    // Dekker with finished(): has_unadmitted_ is set before the counts are read here, and the
+    // drainer raises finished_ before it reads has_unadmitted_, so one of the two admits; room
+    // made between those chunk boundaries is found by waiters re-checking (see wait_admitted).
+    if (!force && capacity_ != 0 && pending() + n > capacity_) break;
+    admitted_.store(admitted_.load() + n);
+    const std::uint64_t pending = this->pending();
     if (pending > high_water_.load(std::memory_order_relaxed)) {
       high_water_.store(pending, std::memory_order_relaxed);
     }
@@ -101,28 +113,40 @@ void async_queue::admit_locked(bool force) noexcept {
   }
   has_unadmitted_.store(admitted_batches_ < ring_size_);
   if (!admitted) return;
-  if (!draining_ && !task_pending_) schedule_drainer_locked();
+  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
+}
+
+bool async_queue::runnable_locked() const noexcept {
+  return admitted_batches_ != 0 && ring_[ring_head_].step <= gate_;
+}
+
+void async_queue::publish_progress_locked() noexcept {
+  std::uint64_t done = last_step_;
+  if (ring_size_ != 0) done = std::min(done, ring_[ring_head_].step - 1);
+  if (running_step_ != 0) done = std::min(done, running_step_ - 1);
+  if (done <= done_step_) return;
+  done_step_ = done;
+  if (step_listener_) step_listener_(done);
+  if (waiters_.load() > 0) progress_.notify_all();
+}
+
+void async_queue::set_gate(std::uint64_t max_step) noexcept {
+  lock_type lock(mutex_);
+  gate_ = max_step;
+  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
+  if (waiters_.load() > 0) progress_.notify_all();
+}
+
+void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener) {
+  lock_type lock(mutex_);
+  step_listener_ = std::move(listener);
 }
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
-  // The task only claims the drain role; it must never throw (an exception escaping an enqueued
-  // task aborts the process), and run_drainer_task is noexcept.
-  // TSan: the task object is written here and read by a worker through oneTBB's uninstrumented
-  // queues, so the hand-over is announced after the task is built and acquired before the lambda
-  // reads its capture. The key is the task-independent `tsan_handoff_key`, because the capture
-  // itself cannot be read before the acquire.
-  // oneTBB also recycles task memory between threads, so the end of each task releases the same
-  // key and the next task's construction acquires it.
-  tsan_acquire(&tsan_handoff_key);
-  tbb::task_handle task = drainer_tasks_.defer([this] {
-    tsan_acquire(&tsan_handoff_key);
-    run_drainer_task();
-    tsan_release(&tsan_handoff_key);
-  });
-  tsan_release(&tsan_handoff_key);
-  arena_.enqueue(std::move(task));
+  // The task only claims the drain role; run_drainer_task is noexcept.
+  enqueue_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
 }
 
 void async_queue::run_drainer_task() noexcept {
@@ -141,8 +165,10 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
   // Isolation: a closure that waits on its own TBB work must not pick up another device's
   // drainer task and run it nested on this stack.
   tbb::this_task_arena::isolate([&] {
-    while (admitted_batches_ != 0 && !stop()) {
-      closure_batch batch = std::move(ring_[ring_head_]);
+    while (runnable_locked() && !stop()) {
+      queued_batch& front = ring_[ring_head_];
+      closure_batch batch = std::move(front.items);
+      running_step_ = front.step;
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
       --admitted_batches_;
@@ -150,20 +176,24 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
       run_batch(batch);
       pool_.release(std::move(batch));
       lock.lock();
+      running_step_ = 0;
+      publish_progress_locked();
     }
   });
 }
 
 void async_queue::release_drain_role_locked() noexcept {
   draining_ = false;
-  if (admitted_batches_ != 0 && !task_pending_) schedule_drainer_locked();
+  if (runnable_locked() && !task_pending_) schedule_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
 }
 
 template <class Done>
-void async_queue::wait_until(lock_type& lock, Done done) noexcept {
+bool async_queue::wait_until(lock_type& lock, Done done,
+                             const std::chrono::steady_clock::time_point* deadline,
+                             bool recheck) noexcept {
   while (!done()) {
-    if (!draining_) {
+    if (!draining_ && runnable_locked()) {
       // Nobody is running closures (no free worker, or the task has not started): do it here
       // rather than wait on a worker that may never come.
       draining_ = true;
@@ -173,10 +203,22 @@ void async_queue::wait_until(lock_type& lock, Done done) noexcept {
     }
     // Dekker with finished(): the drainer updates the counters and then reads waiters_; this
     // thread raises waiters_ and then re-reads the counters, so one of the two sees the other.
+    // Also woken by admission, a raised gate and a released drain role.
     waiters_.fetch_add(1);
-    if (!done() && draining_) progress_.wait(lock);
+    bool timed_out = false;
+    if (!done() && (draining_ || !runnable_locked())) {
+      if (recheck) {
+        progress_.wait_for(lock, std::chrono::milliseconds(1));
+      } else if (deadline == nullptr) {
+        progress_.wait(lock);
+      } else {
+        timed_out = progress_.wait_until(lock, *deadline) == std::cv_status::timeout;
+      }
+    }
     waiters_.fetch_sub(1);
+    if (timed_out && !done()) return false;
   }
+  return true;
 }
 
 void async_queue::run_batch(closure_batch& batch) noexcept {
@@ -187,6 +229,7 @@ void async_queue::run_batch(closure_batch& batch) noexcept {
       finished(release_every, 0);
       released = i;
     }
+    mark_started(1);
     std::exception_ptr error;
     try {
       batch[i]();
@@ -197,8 +240,8 @@ void async_queue::run_batch(closure_batch& batch) noexcept {
     // `error`, handed over under the queue's lock (the handler's own reference count lives in
     // uninstrumented libstdc++, invisible to ThreadSanitizer).
     if (error) {
-      finished(i + 1 - released, 0);
-      record_failure(std::move(error), batch, i + 1);
+      // Failure first: a flush that sees this closure finished must also see the failure.
+      record_failure(std::move(error), batch, i + 1, i + 1 - released);
       return;
     }
     batch[i].reset();
@@ -206,10 +249,10 @@ void async_queue::run_batch(closure_batch& batch) noexcept {
   finished(n - released, 0);
 }
 
-void async_queue::record_failure(std::exception_ptr error, closure_batch& batch,
-                                 std::size_t next) noexcept {
+void async_queue::record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next,
+                                 std::size_t ran_unreported) noexcept {
   std::vector<closure_batch> behind;
-  std::size_t discarded = batch.size() - next;  // admitted: they count in pending_
+  std::size_t discarded = batch.size() - next;  // admitted: they count as pending
   std::size_t unadmitted = 0;
   {
     lock_type lock(mutex_);
@@ -218,9 +261,9 @@ void async_queue::record_failure(std::exception_ptr error, closure_batch& batch,
     failed_count_.fetch_add(1);
     behind.reserve(ring_size_);
     for (std::size_t i = 0; ring_size_ != 0; ++i) {
-      const std::size_t n = ring_[ring_head_].size();
+      const std::size_t n = ring_[ring_head_].items.size();
       (i < admitted_batches_ ? discarded : unadmitted) += n;
-      behind.push_back(std::move(ring_[ring_head_]));
+      behind.push_back(std::move(ring_[ring_head_].items));
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
     }
@@ -231,19 +274,20 @@ void async_queue::record_failure(std::exception_ptr error, closure_batch& batch,
     discarded_since_failure_ += discarded + unadmitted;
     discarded_count_.fetch_add(discarded + unadmitted);
     finished_.fetch_add(unadmitted);
-    if (waiters_.load() > 0) progress_.notify_all();
+    // The discarded admitted closures leave the pending count now, with the failure.
+    mark_started(discarded);
+    // Every step handed over so far is done, except the batch this drainer is still in.
   }
   // Destructors of discarded closures are user code: run them outside the lock.
   detail::discard(batch, next);
   for (closure_batch& b : behind) pool_.release(std::move(b));
-  finished(0, discarded);
+  finished(ran_unreported, discarded);
 }
 
 void async_queue::finished(std::size_t ran, std::size_t discarded) noexcept {
   const std::size_t n = ran + discarded;
   if (n == 0) return;
   if (ran != 0) ran_count_.fetch_add(ran, std::memory_order_relaxed);
-  pending_.fetch_sub(n);
   finished_.fetch_add(n);
   if (has_unadmitted_.load() || waiters_.load() > 0) {
     lock_type lock(mutex_);
@@ -253,9 +297,20 @@ void async_queue::finished(std::size_t ran, std::size_t discarded) noexcept {
 }
 
 void async_queue::wait_for_handed_over() {
-  const std::uint64_t target = handed_over_.load();
   lock_type lock(mutex_);
-  wait_until(lock, [&] { return finished_.load() >= target; });
+  // Also waits for the step-done notification, so that once this returns the step listener
+  // (lockstep, joined closures) has seen every step handed over before the call.
+  const std::uint64_t target = handed_over_.load();
+  const std::uint64_t step = last_step_;
+  wait_until(lock, [&] { return finished_.load() >= target && done_step_ >= step; });
+}
+
+bool async_queue::wait_for_handed_over_until(std::chrono::steady_clock::time_point deadline) {
+  lock_type lock(mutex_);
+  const std::uint64_t target = handed_over_.load();
+  const std::uint64_t step = last_step_;
+  return wait_until(
+      lock, [&] { return finished_.load() >= target && done_step_ >= step; }, &deadline);
 }
 
 std::optional<async_failure> async_queue::take_failure() {
@@ -274,7 +329,7 @@ async_queue_counts async_queue::counts() const noexcept {
   c.discarded = discarded_count_.load();
   c.ran = ran_count_.load(std::memory_order_relaxed);
   c.failed = failed_count_.load();
-  c.pending = pending_.load();
+  c.pending = static_cast<std::size_t>(pending());
   c.high_water = high_water_.load(std::memory_order_relaxed);
   return c;
 }

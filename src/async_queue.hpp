@@ -11,10 +11,13 @@
 // Knows nothing of device names, steps across devices or the environment.
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <functional>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -57,7 +60,9 @@ class async_queue {
   /// under their own lock so that the FIFO order is the order they took their batches in.
   /// After a failure is recorded and until it is taken, reserves nothing: the closures are
   /// discarded and counted with the failure.
-  std::uint64_t reserve(closure_batch&& batch);
+  /// `step` is the device's step number for this batch (non-decreasing across calls), also given
+  /// for an empty batch so that step completion can be tracked.
+  std::uint64_t reserve(closure_batch&& batch, std::uint64_t step);
 
   /// Blocks until the closures reserved up to `ticket` are admitted (or discarded), running
   /// closures itself when nobody drains. Inside an asynchronous closure, or for an unbounded
@@ -68,6 +73,19 @@ class async_queue {
   /// Blocks until every closure handed over before the call ran or was discarded, running
   /// closures itself when nobody drains. Precondition: not inside an asynchronous closure.
   void wait_for_handed_over();
+
+  /// `wait_for_handed_over` with a deadline; false when it passed first.
+  bool wait_for_handed_over_until(std::chrono::steady_clock::time_point deadline);
+
+  /// Lockstep ordering: closures of steps after `max_step` do not start until the gate is raised.
+  /// `no_gate` (the default) lets every step run.
+  static constexpr std::uint64_t no_gate = std::numeric_limits<std::uint64_t>::max();
+  void set_gate(std::uint64_t max_step) noexcept;
+
+  /// Called with step S when every closure of the steps up to S has run or been discarded
+  /// (S never decreases; steps may be skipped). Called under the queue's lock: it must not call
+  /// back into this queue. Set before the first `reserve`.
+  void set_step_listener(std::function<void(std::uint64_t)> listener);
 
   /// The recorded failure, if any, exactly once; the queue then accepts closures again.
   std::optional<async_failure> take_failure();
@@ -84,7 +102,14 @@ class async_queue {
  private:
   using lock_type = std::unique_lock<std::mutex>;
 
-  void push_ring_locked(closure_batch&& batch);
+  struct queued_batch {
+    closure_batch items;
+    std::uint64_t step = 0;
+  };
+
+  void push_ring_locked(closure_batch&& batch, std::uint64_t step);
+  bool runnable_locked() const noexcept;
+  void publish_progress_locked() noexcept;
   void admit_locked(bool force) noexcept;
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;
@@ -92,10 +117,17 @@ class async_queue {
   void drain_locked(lock_type& lock, Stop stop) noexcept;
   void release_drain_role_locked() noexcept;
   template <class Done>
-  void wait_until(lock_type& lock, Done done) noexcept;
+  bool wait_until(lock_type& lock, Done done,
+                  const std::chrono::steady_clock::time_point* deadline = nullptr,
+                  bool recheck = false) noexcept;
   void run_batch(closure_batch& batch) noexcept;
-  void record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next) noexcept;
+  void record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next,
+                      std::size_t ran_unreported) noexcept;
   void finished(std::size_t ran, std::size_t discarded) noexcept;
+  std::uint64_t pending() const noexcept { return admitted_.load() - started_.load(); }
+  void mark_started(std::uint64_t n) noexcept {
+    started_.store(started_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
   void notify_waiters() noexcept;
 
   tbb::task_arena& arena_;
@@ -109,25 +141,34 @@ class async_queue {
   std::condition_variable progress_;  // room, finished closures, or the drain role freed
   // Guarded by mutex_:
   // FIFO of batches, a ring so steady state never allocates. The first `admitted_batches_` are
-  // admitted (counted in pending_, runnable); the rest wait for room. Each entry is at most
+  // admitted (counted as pending, runnable); the rest wait for room. Each entry is at most
   // `capacity_` closures long, so an entry always fits once the queue is empty.
-  std::vector<closure_batch> ring_;
+  std::vector<queued_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
   std::size_t admitted_batches_ = 0;
   std::uint64_t reserved_seq_ = 0;  // closures ever reserved
   std::uint64_t admitted_seq_ = 0;  // closures ever admitted or discarded before admission
-  bool draining_ = false;           // someone holds the right to run closures
-  bool task_pending_ = false;       // a drainer task is enqueued and has not started
+  std::uint64_t gate_ = no_gate;    // largest step whose closures may start
+  std::uint64_t last_step_ = 0;     // step of the latest reserve
+  std::uint64_t running_step_ = 0;  // step of the batch being run, 0 when none
+  std::uint64_t done_step_ = 0;     // every closure of steps <= done_step_ ran or was discarded
+  std::function<void(std::uint64_t)> step_listener_;
+  bool draining_ = false;      // someone holds the right to run closures
+  bool task_pending_ = false;  // a drainer task is enqueued and has not started
   std::exception_ptr failure_;
   bool failed_ = false;  // fail-stop: from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
 
   // Atomics: read without the lock by waiters and counters.
-  alignas(64) std::atomic<std::size_t> pending_{0};
-  std::atomic<std::uint64_t> handed_over_{0};  // reserved closures (flush tickets)
-  std::atomic<bool> has_unadmitted_{false};    // some reserved batch waits for room
-  std::atomic<std::uint64_t> finished_{0};     // ran or discarded
+  // Pending = admitted - started. `started_` has one writer at a time, the holder of the drain
+  // role, which stores it before each closure starts (a plain store, no read-modify-write), so a
+  // closure that is running, or blocked, no longer takes room.
+  alignas(64) std::atomic<std::uint64_t> admitted_{0};  // written under mutex_
+  std::atomic<std::uint64_t> started_{0};               // ran, running or discarded after admission
+  std::atomic<std::uint64_t> handed_over_{0};           // reserved closures (flush tickets)
+  std::atomic<bool> has_unadmitted_{false};             // some reserved batch waits for room
+  std::atomic<std::uint64_t> finished_{0};              // ran or discarded
   std::atomic<std::uint64_t> ran_count_{0};
   std::atomic<std::uint64_t> failed_count_{0};
   std::atomic<std::uint64_t> discarded_count_{0};

@@ -11,6 +11,7 @@
 namespace stepflow::detail {
 
 class device_state;
+class sync_frame;
 
 /// A unique, never reused id for the calling thread (0 is never an id).
 std::uint64_t this_thread_id() noexcept;
@@ -28,6 +29,7 @@ class async_frame {
 
  private:
   async_frame* previous_;
+  sync_frame* hidden_sync_;
 };
 
 /// While alive, the calling thread runs synchronous closures of `device`.
@@ -44,6 +46,18 @@ class sync_frame {
  private:
   const device_state* device_;
   sync_frame* previous_;
+};
+
+/// While alive, the calling thread runs the joined closures of global step `step`.
+class joined_step_frame {
+ public:
+  explicit joined_step_frame(std::uint64_t step) noexcept;
+  ~joined_step_frame();
+  joined_step_frame(const joined_step_frame&) = delete;
+  joined_step_frame& operator=(const joined_step_frame&) = delete;
+
+ private:
+  std::uint64_t previous_;
 };
 
 }  // namespace stepflow::detail
