@@ -25,6 +25,11 @@ void device_context::flush() {
   state_->flush();
 }
 
+bool device_context::flush_until(std::chrono::steady_clock::time_point deadline) {
+  detail::check_alive(this, "flush_for");
+  return state_->flush_until(deadline);
+}
+
 std::uint64_t device_context::step() const noexcept { return state_->step(); }
 
 stepflow::scheduler& device_context::scheduler() const noexcept { return state_->owner(); }

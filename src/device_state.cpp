@@ -7,17 +7,19 @@
 
 #include "error_reporting.hpp"
 #include "liveness.hpp"
+#include "step_graph.hpp"
 #include "stepflow/errors.hpp"
 #include "thread_frames.hpp"
 
 namespace stepflow::detail {
 
 device_state::device_state(stepflow::scheduler& owner, std::string name, const options& opts,
-                           tbb::task_arena& arena)
+                           tbb::task_arena& arena, step_graph& graph)
     : context_(*this),
       owner_(owner),
       name_(std::move(name)),
       sync_mode_(opts.sync_mode),
+      graph_(graph),
       queue_(arena, opts.max_queue_size, pool_) {
   mark_alive(&context_);
 }
@@ -30,6 +32,7 @@ void device_state::push(closure&& c, bool async) {
 
 void device_state::report_async_failure() {
   if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
+  if (auto failure = graph_.take_failure()) throw_async_closure_error(joined_device_name, *failure);
 }
 
 void device_state::run_step_closures() {
@@ -42,20 +45,31 @@ void device_state::run_step_closures() {
   }
   // Reported before anything is taken: the call that reports a failure has no other effect.
   report_async_failure();
+  // The first step end of any device fixes who takes part in lockstep and joined closures.
+  graph_.freeze();
 
   closure_batch async_batch = pool_.acquire();
   closure_batch sync_batch = pool_.acquire();
+  std::uint64_t step = 0;
   std::uint64_t ticket = 0;
   {
     std::lock_guard lock(take_mutex_);
     async_pending_.take(async_batch);
     sync_pending_.take(sync_batch);
-    step_.fetch_add(1, std::memory_order_acq_rel);
+    step = step_.fetch_add(1, std::memory_order_acq_rel) + 1;
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
-    if (!sync_mode_) ticket = queue_.reserve(std::move(async_batch));
+    if (!sync_mode_) ticket = queue_.reserve(std::move(async_batch), step);
   }
   if (sync_mode_) {
+    // The step's closures all ran (or threw) inline: tell the queue the step is done, even
+    // when one threw, so joined closures and lockstep see it.
+    struct mark_done {
+      async_queue& queue;
+      closure_batch empty;
+      std::uint64_t step;
+      ~mark_done() { queue.reserve(std::move(empty), step); }
+    } done{queue_, {}, step};
     run_inline(async_batch, &sync_batch);
   } else {
     // Handed over before the sync closures run, so the worker starts on them meanwhile.
@@ -123,6 +137,18 @@ void device_state::flush() {
   }
   queue_.wait_for_handed_over();
   report_async_failure();
+}
+
+bool device_state::flush_until(std::chrono::steady_clock::time_point deadline) {
+  if (async_frame::active()) {
+    throw error(fmt::format(
+        "flush_for() on device '{}' was called from inside an asynchronous closure: it could "
+        "wait for itself. Flush from outside the closure",
+        name_));
+  }
+  if (!queue_.wait_for_handed_over_until(deadline)) return false;
+  report_async_failure();
+  return true;
 }
 
 sync_counts device_state::sync_totals() const noexcept {

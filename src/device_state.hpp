@@ -2,6 +2,7 @@
 // One device: its pending closures, its step end, its asynchronous queue.
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -17,6 +18,8 @@
 
 namespace stepflow::detail {
 
+class step_graph;
+
 /// Totals of one device's synchronous side.
 struct sync_counts {
   std::uint64_t ran = 0;      // started (returned or threw)
@@ -27,7 +30,7 @@ struct sync_counts {
 class device_state {
  public:
   device_state(stepflow::scheduler& owner, std::string name, const options& opts,
-               tbb::task_arena& arena);
+               tbb::task_arena& arena, step_graph& graph);
   ~device_state();
   device_state(const device_state&) = delete;
   device_state& operator=(const device_state&) = delete;
@@ -39,12 +42,17 @@ class device_state {
   void push(closure&& c, bool async);
   void run_step_closures();
   void flush();
+  /// `flush` with a deadline: false (and nothing reported) when it passed first.
+  bool flush_until(std::chrono::steady_clock::time_point deadline);
   std::uint64_t step() const noexcept { return step_.load(std::memory_order_acquire); }
 
   /// The flush without the report, for `scheduler::flush`.
   void wait_for_async() { queue_.wait_for_handed_over(); }
-  /// Throws `async_closure_error` if a failure awaits its report.
+  /// Throws `async_closure_error` if a failure of this device, or of a joined closure, awaits
+  /// its report.
   void report_async_failure();
+
+  async_queue& queue() noexcept { return queue_; }
 
   /// First half of shutdown: waits until the queue is idle. Never throws.
   void drain_for_shutdown() noexcept;
@@ -61,6 +69,7 @@ class device_state {
   stepflow::scheduler& owner_;
   const std::string name_;
   const bool sync_mode_;
+  step_graph& graph_;
 
   batch_pool pool_;
   pending_closures sync_pending_;

@@ -12,6 +12,9 @@ namespace stepflow::detail {
 
 struct async_failure;
 
+/// The device name that failures and reports of joined closures carry.
+inline constexpr std::string_view joined_device_name = "joined";
+
 /// `what()` of a std::exception, or a phrase saying the exception is of another type.
 std::string describe_exception(const std::exception_ptr& error);
 

@@ -1,10 +1,13 @@
 #include "stepflow/scheduler.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +17,7 @@
 
 #include "device_state.hpp"
 #include "error_reporting.hpp"
+#include "step_graph.hpp"
 #include "stepflow/errors.hpp"
 #include "thread_frames.hpp"
 
@@ -28,10 +32,13 @@ class scheduler_state {
         // Only stepflow's drainer tasks run here, so no slot is reserved for an application
         // thread; sized to the worker pool (cores - 1), since asking for more workers than exist
         // makes oneTBB print a warning.
-        arena_(std::max(1, tbb::info::default_concurrency() - 1), 0,
-               opts.low_priority ? tbb::task_arena::priority::low
-                                 : tbb::task_arena::priority::normal) {
-    default_device_ = &device(options_.default_device);
+        arena_(
+            std::max(1, tbb::info::default_concurrency() - 1), 0,
+            opts.low_priority ? tbb::task_arena::priority::low : tbb::task_arena::priority::normal),
+        graph_(arena_, opts.ordering) {
+    // Declared participants exist from the start and are the only ones.
+    for (const std::string& name : options_.participants) device(name);
+    if (!options_.participants.empty()) graph_.freeze();
   }
 
   device_state& device(std::string_view name) {
@@ -39,14 +46,25 @@ class scheduler_state {
     auto it = devices_.find(name);
     if (it == devices_.end()) {
       it = devices_
-               .emplace(std::string(name),
-                        std::make_unique<device_state>(owner_, std::string(name), options_, arena_))
+               .emplace(std::string(name), std::make_unique<device_state>(owner_, std::string(name),
+                                                                          options_, arena_, graph_))
                .first;
+      // Takes part in lockstep and joins unless participation is frozen already.
+      graph_.join(*it->second);
     }
     return *it->second;
   }
 
-  device_state& default_device() noexcept { return *default_device_; }
+  // Created on first use, not with the scheduler: a device that exists before the first step
+  // end takes part in lockstep, and an unused default device would hold every step back.
+  device_state& default_device() {
+    device_state* d = default_device_.load(std::memory_order_acquire);
+    if (d == nullptr) {
+      d = &device(options_.default_device);
+      default_device_.store(d, std::memory_order_release);
+    }
+    return *d;
+  }
   const options& opts() const noexcept { return options_; }
 
   std::vector<device_state*> snapshot() {
@@ -57,31 +75,78 @@ class scheduler_state {
     return all;
   }
 
-  void flush() {
+  void flush() { flush_until(nullptr); }
+
+  bool flush_until(const std::chrono::steady_clock::time_point* deadline) {
     if (async_frame::active()) {
       throw error(
           "scheduler::flush() was called from inside an asynchronous closure: it could wait for "
           "itself. Flush from outside the closure");
     }
     const std::vector<device_state*> all = snapshot();
-    for (device_state* d : all) d->wait_for_async();
+    for (device_state* d : all) {
+      if (deadline == nullptr) {
+        d->wait_for_async();
+      } else if (!d->queue().wait_for_handed_over_until(*deadline)) {
+        return false;
+      }
+    }
+    if (!graph_.wait_for_joined(deadline)) return false;
     // Only the first failure is thrown; the others stay recorded for their devices' next call.
     for (device_state* d : all) d->report_async_failure();
+    if (auto failure = graph_.take_failure())
+      throw_async_closure_error(joined_device_name, *failure);
+    return true;
+  }
+
+  void add_joined(closure&& c) { graph_.add_joined(std::move(c)); }
+
+  bool retire(std::string_view name) {
+    device_state* d = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = devices_.find(name);
+      if (it != devices_.end()) d = it->second.get();
+    }
+    return d != nullptr && graph_.retire(*d);
   }
 
   shutdown_report shutdown() noexcept {
-    // An asynchronous closure may end another device's step and so queue more work there:
-    // repeat until a whole pass finds every device idle and nothing new handed over.
+    // Ordering is no longer enforced: a participant that stopped stepping must not hold the
+    // others' closures back forever.
+    graph_.open_gates();
+    // An asynchronous or joined closure may end another device's step and so queue more work
+    // there: repeat until a whole pass finds every device idle and nothing new handed over.
     for (;;) {
       const std::vector<device_state*> all = snapshot();
       const std::uint64_t before = total_handed_over(all);
+      const std::uint64_t joined_before = graph_.completed_step();
       for (device_state* d : all) d->drain_for_shutdown();
-      if (total_handed_over(snapshot()) == before && snapshot().size() == all.size()) break;
+      try {
+        graph_.wait_for_joined(nullptr);
+      } catch (...) {
+      }
+      if (total_handed_over(snapshot()) == before && snapshot().size() == all.size() &&
+          graph_.completed_step() == joined_before) {
+        break;
+      }
     }
     shutdown_report report;
+    std::optional<async_failure> joined_failure;
+    const std::size_t joined_never_run = graph_.shutdown(joined_failure);
     for (device_state* d : snapshot()) {
       device_shutdown_report r = d->finish_shutdown();
       if (r.unreported_error || r.never_run != 0) report.devices.push_back(std::move(r));
+    }
+    if (joined_failure || joined_never_run != 0) {
+      device_shutdown_report r;
+      r.device = std::string(joined_device_name);
+      if (joined_failure) {
+        r.unreported_error = joined_failure->error;
+        r.discarded = joined_failure->discarded;
+      }
+      r.never_run = joined_never_run;
+      report.devices.push_back(std::move(r));
     }
     return report;
   }
@@ -96,10 +161,11 @@ class scheduler_state {
   stepflow::scheduler& owner_;
   const options options_;
   tbb::task_arena arena_;
+  step_graph graph_;  // before devices_: devices are destroyed first
   std::mutex mutex_;
   // std::map: device addresses (and references handed out) must stay stable.
   std::map<std::string, std::unique_ptr<device_state>, std::less<>> devices_;  // guarded
-  device_state* default_device_ = nullptr;
+  std::atomic<device_state*> default_device_{nullptr};
 };
 
 }  // namespace detail
@@ -132,6 +198,14 @@ device_context& scheduler::device(std::string_view name) { return state_->device
 device_context& scheduler::default_device() { return state_->default_device().context(); }
 
 void scheduler::flush() { state_->flush(); }
+
+bool scheduler::flush_until(std::chrono::steady_clock::time_point deadline) {
+  return state_->flush_until(&deadline);
+}
+
+void scheduler::push_joined(closure&& c) { state_->add_joined(std::move(c)); }
+
+bool scheduler::retire(std::string_view name) { return state_->retire(name); }
 
 const stepflow::options& scheduler::options() const noexcept { return state_->opts(); }
 

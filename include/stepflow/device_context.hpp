@@ -2,6 +2,7 @@
 /// \file
 /// `stepflow::device_context`: one device's step closures and its step barrier.
 
+#include <chrono>
 #include <cstdint>
 #include <string_view>
 #include <type_traits>
@@ -76,6 +77,17 @@ class device_context {
   /// closures itself when no worker is draining the queue. Throws `stepflow::error` when called
   /// from inside an asynchronous closure (of any device: waiting there could wait on itself).
   void flush();
+
+  /// `flush()` that gives up after `timeout`: returns false, reporting nothing, when the
+  /// closures did not all finish in time (for example, in lockstep ordering, while another
+  /// participating device has stopped stepping); true after a complete flush.
+  template <class Rep, class Period>
+  bool flush_for(const std::chrono::duration<Rep, Period>& timeout) {
+    return flush_until(std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
+  }
+  /// `flush_for` with an absolute deadline.
+  bool flush_until(std::chrono::steady_clock::time_point deadline);
 
   /// Completed step ends: those that took their closures, including one whose sync closure
   /// threw; a call that only reported an asynchronous failure does not count.

@@ -27,6 +27,16 @@ struct shutdown_report {
   bool empty() const noexcept { return devices.empty(); }
 };
 
+/// How the asynchronous closures of different devices are ordered.
+enum class step_ordering {
+  /// Devices are independent: each runs its own steps' closures in order, as fast as it can.
+  per_device,
+  /// No participating device's asynchronous closures of step N+1 start before every
+  /// participating device's asynchronous closures of step N (and the joined closures of step N)
+  /// have finished.
+  lockstep,
+};
+
 struct options {
   /// Asynchronous closures pending (handed over by a step end, not yet started) per device;
   /// a step end blocks while its device is full. 0 means unbounded.
@@ -38,6 +48,13 @@ struct options {
 
   /// Name of the device that `get_device_context()` and the free functions use.
   std::string default_device = "default";
+
+  /// Cross-device ordering of asynchronous closures; see `step_ordering`.
+  step_ordering ordering = step_ordering::per_device;
+
+  /// The devices that take part in lockstep ordering and joined closures, created with the
+  /// scheduler. Empty: every device created before the first step end of any device takes part.
+  std::vector<std::string> participants;
 
   /// Run asynchronous closures in an arena of `tbb::task_arena::priority::low`, so they yield
   /// oneTBB's workers to the application's own arenas.

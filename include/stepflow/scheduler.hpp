@@ -2,9 +2,14 @@
 /// \file
 /// `stepflow::scheduler`: owns the devices, their queues and the oneTBB arena they run in.
 
+#include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 
+#include "stepflow/detail/joined_step.hpp"
 #include "stepflow/device_context.hpp"
 #include "stepflow/options.hpp"
 
@@ -37,14 +42,53 @@ class scheduler {
   /// The device named `options::default_device`.
   device_context& default_device();
 
-  /// Flushes every device (see `device_context::flush`), then reports the first failure found;
-  /// other failed devices keep theirs for their own next call. Same restrictions as
-  /// `device_context::flush`.
+  /// Flushes every device (see `device_context::flush`) and waits for the joined closures of
+  /// every global step that all participants finished, then reports the first failure found
+  /// (devices by name, then joined closures); the others keep theirs for their own next call.
+  /// Same restrictions as `device_context::flush`.
   void flush();
+
+  /// `flush()` that gives up after `timeout`: false (nothing reported) when it did not finish.
+  template <class Rep, class Period>
+  bool flush_for(const std::chrono::duration<Rep, Period>& timeout) {
+    return flush_until(std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
+  }
+  bool flush_until(std::chrono::steady_clock::time_point deadline);
+
+  /// Queues `f(args...)` — or `f(step, args...)` when `f` takes the step number first — to run
+  /// once, after every participating device finished its asynchronous closures of the current
+  /// global step: the first step that not every participant has ended yet. In lockstep ordering
+  /// it runs before any participant's closures of the next step start. Runs on a oneTBB worker;
+  /// joined closures of successive steps run in step order, one at a time. A failure follows the
+  /// asynchronous rules: closures queued behind it are discarded, and the next step end (of any
+  /// device) or flush reports it, once, as `async_closure_error` with `device() == "joined"`.
+  /// Same capture rules as `device_context::add_step_closure`. Thread-safe.
+  template <class F, class... Args>
+  void add_joined_step_closure(F&& f, Args&&... args) {
+    using D = std::decay_t<F>;
+    detail::check_not_null<D>(f);
+    if constexpr (std::is_invocable_v<D&, std::uint64_t, std::decay_t<Args>&...>) {
+      push_joined(detail::make_closure(
+          [g = std::forward<F>(f)](auto&... a) mutable {
+            std::invoke(g, detail::current_joined_step(), a...);
+          },
+          std::forward<Args>(args)...));
+    } else {
+      push_joined(detail::make_closure(std::forward<F>(f), std::forward<Args>(args)...));
+    }
+  }
+
+  /// Takes device `name` out of lockstep ordering and joined closures: the other participants
+  /// stop waiting for it, and its own closures are no longer held back. For a device that stops
+  /// stepping. Returns false when it was not participating. Thread-safe.
+  bool retire(std::string_view name);
 
   const stepflow::options& options() const noexcept;
 
  private:
+  void push_joined(closure&& c);
+
   std::unique_ptr<detail::scheduler_state> state_;
 };
 

@@ -1,0 +1,327 @@
+#include "step_graph.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "device_state.hpp"
+#include "enqueue_task.hpp"
+#include "thread_frames.hpp"
+
+namespace stepflow::detail {
+
+step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering)
+    : arena_(arena), ordering_(ordering) {}
+
+step_graph::~step_graph() = default;
+
+void step_graph::join(device_state& device) {
+  std::size_t index;
+  {
+    std::lock_guard lock(mutex_);
+    if (frozen_) return;
+    index = participants_.size();
+    participants_.push_back(participant{&device});
+  }
+  // Outside mutex_: the listener runs under the queue's lock, which is always taken first.
+  device.queue().set_step_listener([this, index](std::uint64_t step) { step_done(index, step); });
+  if (ordering_ == step_ordering::lockstep) device.queue().set_gate(1);
+}
+
+void step_graph::freeze() {
+  if (frozen_fast_.load(std::memory_order_acquire)) return;  // every step end calls this
+  std::size_t signals = 0;
+  {
+    std::lock_guard lock(mutex_);
+    if (frozen_) return;
+    frozen_ = true;
+    frozen_fast_.store(true, std::memory_order_release);
+    if (ordering_ == step_ordering::lockstep || !joined_.empty()) {
+      activate_locked();
+      signals = collect_signals_locked();
+    }
+  }
+  send_signals(signals);
+}
+
+bool step_graph::is_participant(const device_state& device) const {
+  std::lock_guard lock(mutex_);
+  return std::any_of(participants_.begin(), participants_.end(),
+                     [&](const participant& p) { return p.device == &device && !p.retired; });
+}
+
+bool step_graph::retire(const device_state& device) {
+  std::size_t signals = 0;
+  device_state* retired = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    for (participant& p : participants_) {
+      if (p.device == &device && !p.retired) {
+        p.retired = true;
+        retired = p.device;
+      }
+    }
+    if (retired == nullptr) return false;
+    signals = collect_signals_locked();
+  }
+  send_signals(signals);
+  retired->queue().set_gate(async_queue::no_gate);
+  progress_.notify_all();
+  return true;
+}
+
+void step_graph::activate_locked() {
+  // Build the graph inside stepflow's arena, so its tasks run there, with an isolated context,
+  // so that nothing outside (a user's graph or pipeline being cancelled) can cancel it.
+  active_ = true;
+  std::uint64_t min_done = std::numeric_limits<std::uint64_t>::max();
+  for (const participant& p : participants_) {
+    if (!p.retired) min_done = std::min(min_done, p.done);
+  }
+  if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
+  first_wave_ = wave_ = min_done + 1;
+  completed_wave_ = min_done;
+  const auto predecessors = static_cast<int>(participants_.size());
+  arena_.execute([&] {
+    graph_ = std::make_unique<tbb::flow::graph>(graph_context_);
+    join_ = std::make_unique<tbb::flow::continue_node<std::uint64_t>>(
+        *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
+          std::lock_guard lock(mutex_);
+          return wave_;
+        });
+    // Chained serial nodes can reorder (oneTBB #289, #829): the sequencer restores wave order.
+    order_ = std::make_unique<tbb::flow::sequencer_node<std::uint64_t>>(
+        *graph_,
+        [this](std::uint64_t wave) { return static_cast<std::size_t>(wave - first_wave_); });
+    complete_ = std::make_unique<tbb::flow::function_node<std::uint64_t>>(
+        *graph_, tbb::flow::serial, [this](std::uint64_t wave) {
+          complete_wave(wave);
+          return tbb::flow::continue_msg();
+        });
+    tbb::flow::make_edge(*join_, *order_);
+    tbb::flow::make_edge(*order_, *complete_);
+  });
+}
+
+void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
+  std::size_t signals = 0;
+  {
+    std::lock_guard lock(mutex_);
+    participant& p = participants_[index];
+    p.done = std::max(p.done, step);
+    signals = collect_signals_locked();
+  }
+  send_signals(signals);
+  progress_.notify_all();
+}
+
+std::size_t step_graph::collect_signals_locked() noexcept {
+  if (!active_ || stopping_) return 0;
+  // With every participant retired there is nobody to wait for, and nothing to join.
+  const bool anyone = std::any_of(participants_.begin(), participants_.end(),
+                                  [](const participant& p) { return !p.retired; });
+  if (!anyone) return 0;
+  std::size_t signals = 0;
+  for (participant& p : participants_) {
+    if (!p.signaled && (p.retired || p.done >= wave_)) {
+      p.signaled = true;
+      ++signals;
+    }
+  }
+  // Counted until sent, so that shutdown can wait for signals collected before it began.
+  if (signals != 0) ++sending_;
+  return signals;
+}
+
+void step_graph::send_signals(std::size_t count) noexcept {
+  if (count == 0) return;
+  // Enqueued, not put directly: a put from a thread outside stepflow's arena would spawn the
+  // node's task where no worker may ever look (a process with one oneTBB thread); an enqueued
+  // task always gets a thread, and the graph tasks it spawns then run on that thread.
+  enqueue_task(arena_, signal_tasks_, [this, count]() noexcept {
+    for (std::size_t i = 0; i < count; ++i) join_->try_put(tbb::flow::continue_msg());
+  });
+  std::lock_guard lock(mutex_);
+  --sending_;
+  if (stopping_) progress_.notify_all();
+}
+
+void step_graph::complete_wave(std::uint64_t wave) noexcept {
+  std::vector<closure> todo;
+  {
+    std::lock_guard lock(mutex_);
+    auto node = joined_.extract(wave);
+    if (!node.empty()) todo = std::move(node.mapped());
+  }
+  {
+    async_frame frame;  // like an asynchronous closure: never blocks on a full queue
+    joined_step_frame step(wave);
+    for (std::size_t i = 0; i < todo.size(); ++i) {
+      std::exception_ptr error;
+      try {
+        todo[i]();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      todo[i].reset();
+      std::vector<closure> behind;
+      const bool failed = static_cast<bool>(error);
+      {
+        std::lock_guard lock(mutex_);
+        ++counts_.ran;
+        if (error) {
+          ++counts_.failed;
+          failure_ = std::move(error);
+          failed_ = true;
+          has_failure_.store(true);
+          const std::size_t later = discard_all_joined_locked(behind);
+          discarded_since_failure_ += todo.size() - i - 1 + later;
+          counts_.discarded += todo.size() - i - 1 + later;
+        }
+      }
+      if (failed) break;  // fail-stop: the rest were discarded above
+    }
+  }
+  todo.clear();  // destroys closures discarded behind a failure, outside the lock
+  std::size_t signals = 0;
+  std::vector<device_state*> gated;
+  {
+    std::lock_guard lock(mutex_);
+    completed_wave_ = wave;
+    wave_ = wave + 1;
+    for (participant& p : participants_) p.signaled = false;
+    signals = collect_signals_locked();
+    if (ordering_ == step_ordering::lockstep && !stopping_) {
+      for (const participant& p : participants_) {
+        if (!p.retired) gated.push_back(p.device);
+      }
+    }
+  }
+  progress_.notify_all();
+  send_signals(signals);
+  // The next step may start on every device only now, after the joined closures ran.
+  for (device_state* d : gated) d->queue().set_gate(wave + 1);
+}
+
+std::size_t step_graph::discard_all_joined_locked(std::vector<closure>& out) noexcept {
+  std::size_t n = 0;
+  for (auto& [wave, closures] : joined_) {
+    for (closure& c : closures) {
+      out.push_back(std::move(c));
+      ++n;
+    }
+  }
+  joined_.clear();
+  return n;
+}
+
+std::uint64_t step_graph::min_done_locked() const noexcept {
+  std::uint64_t min_done = std::numeric_limits<std::uint64_t>::max();
+  for (const participant& p : participants_) {
+    if (!p.retired) min_done = std::min(min_done, p.done);
+  }
+  return min_done;
+}
+
+void step_graph::add_joined(closure&& c) {
+  std::size_t signals = 0;
+  closure discarded;
+  {
+    std::lock_guard lock(mutex_);
+    ++counts_.added;
+    if (failed_) {
+      // Behind an unreported failure: discarded with it.
+      ++discarded_since_failure_;
+      ++counts_.discarded;
+      discarded = std::move(c);
+    } else {
+      std::uint64_t step = 1;
+      std::uint64_t min_steps = std::numeric_limits<std::uint64_t>::max();
+      for (const participant& p : participants_) {
+        if (!p.retired) min_steps = std::min(min_steps, p.device->step());
+      }
+      if (min_steps != std::numeric_limits<std::uint64_t>::max()) step = min_steps + 1;
+      if (active_) step = std::max(step, wave_);
+      joined_[step].push_back(std::move(c));
+      if (frozen_ && !active_) {
+        activate_locked();
+        signals = collect_signals_locked();
+      }
+    }
+  }
+  send_signals(signals);
+}
+
+std::optional<async_failure> step_graph::take_failure() {
+  if (!has_failure_.load()) return std::nullopt;  // every step end calls this
+  std::lock_guard lock(mutex_);
+  if (!failed_) return std::nullopt;
+  has_failure_.store(false);
+  async_failure f{std::move(failure_), discarded_since_failure_};
+  failure_ = nullptr;
+  failed_ = false;
+  discarded_since_failure_ = 0;
+  return f;
+}
+
+bool step_graph::wait_for_joined(const std::chrono::steady_clock::time_point* deadline) {
+  std::unique_lock lock(mutex_);
+  if (!active_) return true;
+  const std::uint64_t target = min_done_locked();
+  if (target == std::numeric_limits<std::uint64_t>::max()) return true;
+  const auto done = [&] { return completed_wave_ >= target; };
+  if (deadline == nullptr) {
+    progress_.wait(lock, done);
+    return true;
+  }
+  return progress_.wait_until(lock, *deadline, done);
+}
+
+void step_graph::open_gates() noexcept {
+  std::vector<device_state*> all;
+  {
+    std::lock_guard lock(mutex_);
+    for (const participant& p : participants_) all.push_back(p.device);
+  }
+  for (device_state* d : all) d->queue().set_gate(async_queue::no_gate);
+}
+
+std::uint64_t step_graph::completed_step() const {
+  std::lock_guard lock(mutex_);
+  return completed_wave_;
+}
+
+std::size_t step_graph::shutdown(std::optional<async_failure>& unreported) noexcept {
+  {
+    // From now on no signal is collected and no gate raised; once the signals collected before
+    // are enqueued and the tasks below are joined, no new task of the graph, or of a device
+    // queue, can appear from here.
+    std::unique_lock lock(mutex_);
+    stopping_ = true;
+    progress_.wait(lock, [this] { return sending_ == 0; });
+  }
+  try {
+    arena_.execute([this] {
+      signal_tasks_.wait();
+      if (graph_) graph_->wait_for_all();
+    });
+  } catch (...) {
+    // Graph bodies and signal tasks catch everything; nothing to report.
+  }
+  std::vector<closure> never_run;
+  std::size_t count;
+  {
+    std::lock_guard lock(mutex_);
+    count = discard_all_joined_locked(never_run);
+  }
+  never_run.clear();
+  unreported = take_failure();
+  return count;
+}
+
+joined_counts step_graph::counts() const {
+  std::lock_guard lock(mutex_);
+  return counts_;
+}
+
+}  // namespace stepflow::detail

@@ -1,0 +1,132 @@
+#pragma once
+// Cross-device ordering: lockstep gates and joined step closures, on a oneTBB flow graph.
+//
+//   device queues --"step N done"--> continue_node(P predecessors) --> sequencer_node
+//        ^                                                              |
+//        |                                                              v
+//        +--------- raise lockstep gates <-- serial function_node: run step N's joined
+//                                            closures, advance to step N+1
+//
+// A *wave* is a global step. Each participating device signals the join once per wave, when all
+// its asynchronous closures of that step (and earlier) ran; the continue_node fires after P
+// signals (P = participants, a run-time count), the sequencer keeps waves in order, and the
+// serial node runs the wave's joined closures and then, in lockstep mode, lets every device start
+// the next step. Signals for wave N+1 are only sent after wave N completed, so one continue_node
+// serves every wave.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include <oneapi/tbb/flow_graph.h>
+#include <oneapi/tbb/task_arena.h>
+#include <oneapi/tbb/task_group.h>
+
+#include "async_queue.hpp"
+#include "stepflow/closure.hpp"
+#include "stepflow/options.hpp"
+
+namespace stepflow::detail {
+
+class device_state;
+
+/// Totals of joined closures.
+struct joined_counts {
+  std::uint64_t added = 0;
+  std::uint64_t ran = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t discarded = 0;
+};
+
+class step_graph {
+ public:
+  step_graph(tbb::task_arena& arena, step_ordering ordering);
+  /// Precondition: `shutdown()` was called.
+  ~step_graph();
+  step_graph(const step_graph&) = delete;
+  step_graph& operator=(const step_graph&) = delete;
+
+  /// Makes `device` a participant, unless participation is frozen. Call before the device's
+  /// first step end.
+  void join(device_state& device);
+  /// Freezes participation: the first step end of any device calls it.
+  void freeze();
+  bool is_participant(const device_state& device) const;
+  /// Removes `device` from lockstep and joins: the other devices stop waiting for it.
+  /// Returns false when it was not a participant.
+  bool retire(const device_state& device);
+
+  /// Attaches `c` to the first global step that not every participant has ended yet.
+  void add_joined(closure&& c);
+  std::optional<async_failure> take_failure();
+
+  /// Waits until the joined closures of every global step that all participants finished have
+  /// run. With a deadline: false when it passed first.
+  bool wait_for_joined(const std::chrono::steady_clock::time_point* deadline);
+
+  /// Shutdown: lifts every lockstep gate.
+  void open_gates() noexcept;
+  /// Last global step whose joined closures ran.
+  std::uint64_t completed_step() const;
+  /// Joins every task of the graph. Then returns the joined closures that never ran (destroyed)
+  /// and an unreported failure.
+  std::size_t shutdown(std::optional<async_failure>& unreported) noexcept;
+
+  joined_counts counts() const;
+
+ private:
+  struct participant {
+    device_state* device;
+    std::uint64_t done = 0;  // its closures of steps <= done ran
+    bool signaled = false;   // signalled the current wave
+    bool retired = false;
+  };
+
+  void step_done(std::size_t index, std::uint64_t step) noexcept;
+  void activate_locked();
+  std::size_t collect_signals_locked() noexcept;
+  void send_signals(std::size_t count) noexcept;
+  void complete_wave(std::uint64_t wave) noexcept;
+  std::uint64_t min_done_locked() const noexcept;
+  std::size_t discard_all_joined_locked(std::vector<closure>& out) noexcept;
+
+  tbb::task_arena& arena_;
+  const step_ordering ordering_;
+
+  tbb::task_group_context signal_context_{tbb::task_group_context::isolated};
+  tbb::task_group signal_tasks_{signal_context_};
+  tbb::task_group_context graph_context_{tbb::task_group_context::isolated};
+  // Built inside the arena (a graph runs its tasks in the arena that constructs it), on
+  // activation, once the number of participants is final.
+  std::unique_ptr<tbb::flow::graph> graph_;
+  std::unique_ptr<tbb::flow::continue_node<std::uint64_t>> join_;
+  std::unique_ptr<tbb::flow::sequencer_node<std::uint64_t>> order_;
+  std::unique_ptr<tbb::flow::function_node<std::uint64_t>> complete_;
+
+  std::atomic<bool> frozen_fast_{false};  // frozen_, readable without the lock
+  std::atomic<bool> has_failure_{false};  // failed_, readable without the lock
+  mutable std::mutex mutex_;
+  std::condition_variable progress_;  // a wave completed
+  // Guarded by mutex_:
+  std::vector<participant> participants_;
+  bool frozen_ = false;
+  bool active_ = false;
+  bool stopping_ = false;    // shutdown: no more signals or gates
+  std::size_t sending_ = 0;  // collected signal batches not yet enqueued
+  std::uint64_t first_wave_ = 1;
+  std::uint64_t wave_ = 1;            // the wave being joined
+  std::uint64_t completed_wave_ = 0;  // joined closures of waves <= this ran
+  std::map<std::uint64_t, std::vector<closure>> joined_;
+  std::exception_ptr failure_;
+  bool failed_ = false;
+  std::size_t discarded_since_failure_ = 0;
+  joined_counts counts_;
+};
+
+}  // namespace stepflow::detail

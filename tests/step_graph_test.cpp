@@ -1,0 +1,361 @@
+// Cross-device ordering: lockstep, joined step closures, flush_for, participants, flow-graph
+// adapters.
+
+#include <stepflow/flow.hpp>
+#include <stepflow/stepflow.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "support/tbb_threads.hpp"
+#include "support/tsan_handoff.hpp"
+#include "support/watchdog.hpp"
+
+namespace stepflow {
+namespace {
+
+using namespace std::chrono_literals;
+
+options lockstep_options(std::size_t max_queue = 100) {
+  options o;
+  o.max_queue_size = max_queue;
+  o.report_to_stderr = false;
+  o.ordering = step_ordering::lockstep;
+  return o;
+}
+
+void busy_wait(std::chrono::microseconds d) {
+  const auto until = std::chrono::steady_clock::now() + d;
+  while (std::chrono::steady_clock::now() < until) {
+  }
+}
+
+// Every event that ran, in the order it started: (step, device) with device -1 for a joined
+// closure.
+class global_log {
+ public:
+  explicit global_log(std::size_t capacity) : entries_(capacity) {}
+  void record(std::uint64_t step, int device) {
+    const std::size_t i = next_.fetch_add(1);
+    if (i < entries_.size()) entries_[i] = {step, device};
+  }
+  std::size_t size() const { return std::min(next_.load(), entries_.size()); }
+  const std::pair<std::uint64_t, int>& operator[](std::size_t i) const { return entries_[i]; }
+
+ private:
+  std::vector<std::pair<std::uint64_t, int>> entries_;
+  std::atomic<std::size_t> next_{0};
+};
+
+class Lockstep : public testing::with_tbb_threads {};
+
+TEST_P(Lockstep, EightDevicesThousandStepsNeverOverlapSteps) {
+  constexpr int devices = 8;
+  constexpr int steps = 1000;
+  const std::uint64_t seed = std::random_device{}();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  testing::watchdog dog(std::chrono::seconds(120), "8 devices x 1000 lockstep steps");
+  global_log log(devices * steps * 3 + steps);
+  {
+    scheduler s(lockstep_options(16));
+    std::vector<device_context*> ds;
+    for (int d = 0; d < devices; ++d) ds.push_back(&s.device("gpu" + std::to_string(d)));
+    std::vector<std::thread> threads;
+    for (int d = 0; d < devices; ++d) {
+      threads.emplace_back([&, d] {
+        std::mt19937 rng(static_cast<std::uint32_t>(seed + static_cast<std::uint64_t>(d)));
+        device_context& dev = *ds[static_cast<std::size_t>(d)];
+        for (int step = 1; step <= steps; ++step) {
+          const int closures = 1 + static_cast<int>(rng() % 3);
+          for (int k = 0; k < closures; ++k) {
+            const auto cost = std::chrono::microseconds(rng() % 20);
+            dev.add_step_closure(run_async, [&log, step, d, cost] {
+              log.record(static_cast<std::uint64_t>(step), d);
+              busy_wait(cost);
+            });
+          }
+          dev.run_step_closures();
+        }
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    s.flush();
+  }
+  ASSERT_GT(log.size(), static_cast<std::size_t>(devices * steps));
+  for (std::size_t i = 1; i < log.size(); ++i) {
+    ASSERT_LE(log[i - 1].first, log[i].first)
+        << "step " << log[i].first << " of device " << log[i].second << " started before step "
+        << log[i - 1].first << " of device " << log[i - 1].second << " finished; seed " << seed;
+  }
+}
+
+TEST_P(Lockstep, JoinedClosureRunsBetweenStepsAndSeesEveryDevicesWork) {
+  constexpr int devices = 4;
+  constexpr int steps = 200;
+  global_log log(devices * steps * 2 + steps * 2);
+  std::vector<std::atomic<int>> work(steps + 2);
+  std::atomic<int> wrong_view{0};
+  std::atomic<int> joined_ran{0};
+  {
+    scheduler s(lockstep_options(4));
+    std::vector<device_context*> ds;
+    for (int d = 0; d < devices; ++d) ds.push_back(&s.device("gpu" + std::to_string(d)));
+    for (int step = 1; step <= steps; ++step) {
+      for (int d = 0; d < devices; ++d) {
+        ds[static_cast<std::size_t>(d)]->add_step_closure(run_async, [&, step, d] {
+          log.record(static_cast<std::uint64_t>(step), d);
+          work[static_cast<std::size_t>(step)].fetch_add(1);
+        });
+      }
+      s.add_joined_step_closure([&, step](std::uint64_t joined_step) {
+        log.record(joined_step, -1);
+        if (joined_step != static_cast<std::uint64_t>(step) ||
+            work[static_cast<std::size_t>(step)].load() != devices) {
+          ++wrong_view;
+        }
+        ++joined_ran;
+      });
+      for (device_context* d : ds) d->run_step_closures();
+    }
+    s.flush();
+    EXPECT_EQ(joined_ran.load(), steps) << "flush must wait for the joined closures";
+  }
+  EXPECT_EQ(wrong_view.load(), 0);
+  // Lockstep: step N's joined closure starts after every step N closure and before any N+1 one.
+  std::uint64_t current = 1;
+  bool joined_seen = false;
+  for (std::size_t i = 0; i < log.size(); ++i) {
+    const auto [step, device] = log[i];
+    if (device == -1) {
+      ASSERT_EQ(step, current) << "joined closure out of order at " << i;
+      joined_seen = true;
+    } else if (step != current) {
+      ASSERT_TRUE(joined_seen) << "step " << step << " started before step " << current
+                               << "'s joined closure ran";
+      ASSERT_EQ(step, current + 1);
+      current = step;
+      joined_seen = false;
+    }
+  }
+}
+
+TEST_P(Lockstep, FlushForGivesUpOnADeviceThatStoppedAndRetireReleasesTheOthers) {
+  testing::watchdog dog(std::chrono::seconds(60), "lockstep with a stopped device");
+  options o = lockstep_options();
+  o.participants = {"fast", "stopped"};
+  scheduler s(o);
+  device_context& fast = s.device("fast");
+  s.device("stopped");  // never ends a step
+  std::atomic<int> ran{0};
+  for (int step = 0; step < 3; ++step) {
+    fast.add_step_closure(run_async, [&] { ++ran; });
+    fast.run_step_closures();
+  }
+  // Step 1 may run (nothing precedes it); steps 2 and 3 wait for "stopped" to finish step 1.
+  EXPECT_FALSE(fast.flush_for(50ms));
+  EXPECT_FALSE(s.flush_for(50ms));
+  EXPECT_EQ(ran.load(), 1);
+  EXPECT_TRUE(s.retire("stopped"));
+  EXPECT_FALSE(s.retire("stopped")) << "already retired";
+  EXPECT_TRUE(fast.flush_for(30s));
+  EXPECT_EQ(ran.load(), 3);
+}
+
+TEST_P(Lockstep, DestroyingTheSchedulerNeverWaitsForAStoppedDevice) {
+  testing::watchdog dog(std::chrono::seconds(60), "shutdown with a stopped participant");
+  std::atomic<int> ran{0};
+  {
+    options o = lockstep_options();
+    o.participants = {"a", "b"};
+    scheduler s(o);
+    device_context& a = s.device("a");
+    for (int step = 0; step < 5; ++step) {
+      a.add_step_closure(run_async, [&] { ++ran; });
+      a.run_step_closures();
+    }
+  }
+  EXPECT_EQ(ran.load(), 5) << "shutdown lifts the gates and runs what was queued";
+}
+
+TEST_P(Lockstep, DevicesCreatedAfterTheFirstStepDoNotParticipate) {
+  testing::watchdog dog(std::chrono::seconds(60), "late device");
+  scheduler s(lockstep_options());
+  device_context& a = s.device("a");
+  s.device("b");          // participates, never steps
+  a.run_step_closures();  // freezes participation
+  device_context& late = s.device("late");
+  std::atomic<int> ran{0};
+  for (int step = 0; step < 5; ++step) {
+    late.add_step_closure(run_async, [&] { ++ran; });
+    late.run_step_closures();
+  }
+  EXPECT_TRUE(late.flush_for(30s)) << "a non-participant is never held back";
+  EXPECT_EQ(ran.load(), 5);
+  s.retire("b");
+}
+
+STEPFLOW_AT_1_2_4_THREADS(Lockstep);
+
+class Joined : public testing::with_tbb_threads {};
+
+TEST_P(Joined, PerDeviceModeRunsJoinedClosuresInStepOrderAfterTheirStep) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  std::vector<std::uint64_t> joined_steps;  // written by one joined closure at a time
+  std::atomic<int> a_work{0};
+  std::atomic<int> b_work{0};
+  std::atomic<int> wrong{0};
+  for (int step = 1; step <= 50; ++step) {
+    a.add_step_closure(run_async, [&] { ++a_work; });
+    b.add_step_closure(run_async, [&] { ++b_work; });
+    s.add_joined_step_closure([&, step] {
+      joined_steps.push_back(static_cast<std::uint64_t>(step));
+      if (a_work.load() < step || b_work.load() < step) ++wrong;
+    });
+    a.run_step_closures();
+    b.run_step_closures();
+  }
+  s.flush();
+  ASSERT_EQ(joined_steps.size(), 50u);
+  for (std::size_t i = 0; i < joined_steps.size(); ++i) EXPECT_EQ(joined_steps[i], i + 1);
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+TEST_P(Joined, AJoinedClosureAddedAfterSomeDevicesEndedTheStepStillWaitsForTheOthers) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  std::atomic<bool> b_done{false};
+  std::atomic<int> wrong{0};
+  std::atomic<int> ran{0};
+  a.run_step_closures();  // a ended step 1; b has not: the current global step is 1
+  s.add_joined_step_closure([&](std::uint64_t step) {
+    if (step != 1 || !b_done.load()) ++wrong;
+    ++ran;
+  });
+  b.add_step_closure(run_async, [&] { b_done = true; });
+  b.run_step_closures();
+  s.flush();
+  EXPECT_EQ(ran.load(), 1);
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+TEST_P(Joined, FailureIsReportedOnceAndDiscardsTheJoinedClosuresBehindIt) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<int> later{0};
+  s.add_joined_step_closure([] { throw std::runtime_error("mean loss is NaN"); });
+  s.add_joined_step_closure([&] { ++later; });
+  a.run_step_closures();
+  try {
+    s.flush();
+    ADD_FAILURE() << "not reported";
+  } catch (const async_closure_error& e) {
+    EXPECT_EQ(e.device(), "joined");
+    EXPECT_EQ(e.discarded(), 1u);
+    EXPECT_NE(std::string(e.what()).find("mean loss is NaN"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(later.load(), 0);
+  EXPECT_NO_THROW(s.flush()) << "reported once";
+  s.add_joined_step_closure([&] { ++later; });
+  a.run_step_closures();
+  s.flush();
+  EXPECT_EQ(later.load(), 1);
+}
+
+TEST_P(Joined, NullCallableIsRejected) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  void (*null_fn)() = nullptr;
+  EXPECT_THROW(s.add_joined_step_closure(null_fn), std::invalid_argument);
+}
+
+TEST_P(Joined, NeverRunJoinedClosuresAreReportedAtShutdown) {
+  std::optional<shutdown_report> seen;
+  {
+    options o;
+    o.report_to_stderr = false;
+    o.on_shutdown_report = [&](const shutdown_report& r) { seen = r; };
+    o.participants = {"a", "b"};
+    scheduler s(o);
+    s.device("a").run_step_closures();  // b never ends step 1
+    s.add_joined_step_closure([] {});
+  }
+  ASSERT_TRUE(seen.has_value());
+  ASSERT_EQ(seen->devices.size(), 1u);
+  EXPECT_EQ(seen->devices[0].device, "joined");
+  EXPECT_EQ(seen->devices[0].never_run, 1u);
+}
+
+STEPFLOW_AT_1_2_4_THREADS(Joined);
+
+class FlowAdapters : public testing::with_tbb_threads {};
+
+TEST_P(FlowAdapters, AUserGraphQueuesClosuresAndEndsStepsWithAFullQueue) {
+  testing::watchdog dog(std::chrono::seconds(60), "flow graph adapters");
+  options o;
+  o.report_to_stderr = false;
+  o.max_queue_size = 1;
+  scheduler s(o);
+  device_context& gpu = s.device("gpu");
+  std::vector<int> seen;  // async closures of one device: one at a time
+  tbb::flow::graph g;
+  auto queue = flow::closure_node<int>(g, gpu, [&seen](const int& i) { seen.push_back(i); });
+  auto step = flow::step_end_node<int>(g, gpu);
+  tbb::flow::make_edge(queue, step);
+  testing::before_tbb_algorithm();
+  for (int i = 0; i < 200; ++i) queue.try_put(i);
+  g.wait_for_all();
+  testing::after_tbb_algorithm();
+  gpu.flush();
+  ASSERT_EQ(seen.size(), 200u);
+  for (int i = 0; i < 200; ++i) EXPECT_EQ(seen[static_cast<std::size_t>(i)], i);
+  EXPECT_EQ(gpu.step(), 200u);
+}
+
+TEST_P(FlowAdapters, ACancelledUserGraphLeavesQueuedClosuresRunning) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& gpu = s.device("gpu");
+  std::atomic<int> ran{0};
+  std::atomic<bool> release{false};
+  tbb::flow::graph g;
+  tbb::flow::function_node<int, int> work(g, tbb::flow::serial, [&](int i) {
+    gpu.add_step_closure(run_async, [&] {
+      while (!release.load()) std::this_thread::yield();
+      ++ran;
+    });
+    gpu.run_step_closures();
+    if (i == 3) throw std::runtime_error("user graph failed");
+    return i;
+  });
+  testing::before_tbb_algorithm();
+  for (int i = 0; i < 4; ++i) work.try_put(i);
+  EXPECT_THROW(g.wait_for_all(), std::runtime_error);
+  testing::after_tbb_algorithm();
+  release = true;
+  gpu.flush();
+  EXPECT_EQ(ran.load(), 4);
+}
+
+STEPFLOW_AT_1_2_4_THREADS(FlowAdapters);
+
+}  // namespace
+}  // namespace stepflow
