@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "closure_observer.hpp"
 #include "enqueue_task.hpp"
 #include "thread_frames.hpp"
 
@@ -15,8 +16,20 @@ constexpr std::size_t release_every = 16;
 constexpr std::size_t initial_ring_slots = 8;
 }  // namespace
 
-async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool)
-    : arena_(arena), pool_(pool), capacity_(capacity), ring_(initial_ring_slots) {}
+async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
+                         closure_observer& observer)
+    : arena_(arena),
+      pool_(pool),
+      observer_(observer),
+      capacity_(capacity),
+      ring_(initial_ring_slots) {}
+
+void async_queue::trace_depth_locked() noexcept {
+  if (observer_.trace != nullptr) {
+    observer_.trace->counter(observer_.track, observer_.depth_counter, pending(),
+                             trace_recorder::now_ns());
+  }
+}
 
 async_queue::~async_queue() = default;
 
@@ -68,6 +81,14 @@ void async_queue::wait_admitted(std::uint64_t ticket) {
   }
   // Room made between the drainer's chunk boundaries (a closure started) is not announced, so
   // the wait re-checks every millisecond and admits what fits itself.
+  const std::uint64_t began = trace_recorder::now_ns();
+  struct account_blocked {
+    closure_observer& observer;
+    std::uint64_t began;
+    ~account_blocked() {
+      observer.blocked_ns.fetch_add(trace_recorder::now_ns() - began, std::memory_order_relaxed);
+    }
+  } account{observer_, began};
   wait_until(
       lock,
       [&] {
@@ -172,12 +193,14 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
       --admitted_batches_;
+      const std::uint64_t step = running_step_;
       lock.unlock();
-      run_batch(batch);
+      run_batch(batch, step);
       pool_.release(std::move(batch));
       lock.lock();
       running_step_ = 0;
       publish_progress_locked();
+      trace_depth_locked();
     }
   });
 }
@@ -221,25 +244,20 @@ bool async_queue::wait_until(lock_type& lock, Done done,
   return true;
 }
 
-void async_queue::run_batch(closure_batch& batch) noexcept {
+void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {
   const std::size_t n = batch.size();
   std::size_t released = 0;
+  observed_batch observed(observer_, closure_kind::async, step);
   for (std::size_t i = 0; i < n; ++i) {
     if (i - released == release_every) {
       finished(release_every, 0);
       released = i;
     }
     mark_started(1);
-    std::exception_ptr error;
-    try {
-      batch[i]();
-    } catch (...) {  // any exception, not only std::exception (H6)
-      error = std::current_exception();
-    }
-    // Recorded after the handler ended, so this thread's hold on the exception object is only
-    // `error`, handed over under the queue's lock (the handler's own reference count lives in
-    // uninstrumented libstdc++, invisible to ThreadSanitizer).
-    if (error) {
+    // The exception_ptr outlives the handler, so this thread's hold on the exception object is
+    // only `error`, handed over under the queue's lock (the handler's own reference count lives
+    // in uninstrumented libstdc++, invisible to ThreadSanitizer).
+    if (std::exception_ptr error = observed.run(batch[i])) {
       // Failure first: a flush that sees this closure finished must also see the failure.
       record_failure(std::move(error), batch, i + 1, i + 1 - released);
       return;

@@ -29,6 +29,8 @@
 
 namespace stepflow::detail {
 
+struct closure_observer;
+
 /// A failure taken for reporting: the closure's exception and what was discarded behind it.
 struct async_failure {
   std::exception_ptr error;
@@ -48,7 +50,8 @@ struct async_queue_counts {
 class async_queue {
  public:
   /// `capacity` 0 means unbounded. `pool` recycles batch buffers; both outlive the queue.
-  async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool);
+  async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
+              closure_observer& observer);
   /// Precondition: `shutdown()` was called.
   ~async_queue();
   async_queue(const async_queue&) = delete;
@@ -120,7 +123,8 @@ class async_queue {
   bool wait_until(lock_type& lock, Done done,
                   const std::chrono::steady_clock::time_point* deadline = nullptr,
                   bool recheck = false) noexcept;
-  void run_batch(closure_batch& batch) noexcept;
+  void run_batch(closure_batch& batch, std::uint64_t step) noexcept;
+  void trace_depth_locked() noexcept;
   void record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next,
                       std::size_t ran_unreported) noexcept;
   void finished(std::size_t ran, std::size_t discarded) noexcept;
@@ -132,6 +136,7 @@ class async_queue {
 
   tbb::task_arena& arena_;
   batch_pool& pool_;
+  closure_observer& observer_;
   const std::size_t capacity_;
 
   tbb::task_group_context context_{tbb::task_group_context::isolated};

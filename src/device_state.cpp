@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "closure_observer.hpp"
 #include "error_reporting.hpp"
 #include "liveness.hpp"
 #include "step_graph.hpp"
@@ -14,13 +15,18 @@
 namespace stepflow::detail {
 
 device_state::device_state(stepflow::scheduler& owner, std::string name, const options& opts,
-                           tbb::task_arena& arena, step_graph& graph)
+                           tbb::task_arena& arena, step_graph& graph, trace_recorder* trace)
     : context_(*this),
       owner_(owner),
       name_(std::move(name)),
       sync_mode_(opts.sync_mode),
       graph_(graph),
-      queue_(arena, opts.max_queue_size, pool_) {
+      queue_(arena, opts.max_queue_size, pool_, observer_) {
+  if (trace != nullptr) {
+    observer_.trace = trace;
+    observer_.track = trace->track(name_);
+    observer_.depth_counter = "queue depth " + name_;
+  }
   mark_alive(&context_);
 }
 
@@ -56,6 +62,7 @@ void device_state::run_step_closures() {
     std::lock_guard lock(take_mutex_);
     async_pending_.take(async_batch);
     sync_pending_.take(sync_batch);
+    taken_.fetch_add(async_batch.size() + sync_batch.size(), std::memory_order_relaxed);
     step = step_.fetch_add(1, std::memory_order_acq_rel) + 1;
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
@@ -70,19 +77,25 @@ void device_state::run_step_closures() {
       std::uint64_t step;
       ~mark_done() { queue.reserve(std::move(empty), step); }
     } done{queue_, {}, step};
-    run_inline(async_batch, &sync_batch);
+    run_inline(async_batch, &sync_batch, step);
   } else {
     // Handed over before the sync closures run, so the worker starts on them meanwhile.
     queue_.wait_admitted(ticket);
-    run_inline(sync_batch, nullptr);
+    if (observer_.trace != nullptr) {
+      observer_.trace->counter(observer_.track, observer_.depth_counter, queue_.counts().pending,
+                               trace_recorder::now_ns());
+    }
+    run_inline(sync_batch, nullptr, step);
   }
 }
 
-void device_state::run_inline(closure_batch& first, closure_batch* second) {
+void device_state::run_inline(closure_batch& first, closure_batch* second, std::uint64_t step) {
   std::exception_ptr failure;
   std::uint64_t ran = 0;
   std::uint64_t dropped = 0;
-  auto run_all = [&](closure_batch& batch) {
+  // In sync mode `first` holds the step's async closures, traced as such.
+  auto run_all = [&](closure_batch& batch, closure_kind kind) {
+    observed_batch observed(observer_, kind, step);
     for (closure& c : batch) {
       if (failure) {
         c.reset();
@@ -90,18 +103,14 @@ void device_state::run_inline(closure_batch& first, closure_batch* second) {
         continue;
       }
       ++ran;
-      try {
-        c();
-      } catch (...) {
-        failure = std::current_exception();
-      }
+      failure = observed.run(c);
       c.reset();
     }
   };
   const auto body = [&] {
     sync_frame frame(this);
-    run_all(first);
-    if (second != nullptr) run_all(*second);
+    run_all(first, second != nullptr ? closure_kind::async : closure_kind::sync);
+    if (second != nullptr) run_all(*second, closure_kind::sync);
   };
   // run_and_wait executes the body on this thread (it is never spawned, so never stolen), and
   // isolation keeps the wait from picking up unrelated tasks, which inside a parallel_pipeline
@@ -149,6 +158,30 @@ bool device_state::flush_until(std::chrono::steady_clock::time_point deadline) {
   if (!queue_.wait_for_handed_over_until(deadline)) return false;
   report_async_failure();
   return true;
+}
+
+device_metrics device_state::metrics() const {
+  device_metrics m;
+  m.device = name_;
+  m.steps = step();
+  m.added_sync = sync_pending_.pushed();
+  m.added_async = async_pending_.pushed();
+  const std::uint64_t taken = taken_.load(std::memory_order_relaxed);
+  const std::uint64_t added = m.added_sync + m.added_async;
+  m.waiting = added > taken ? added - taken : 0;
+  const struct sync_counts sync = sync_totals();
+  m.ran_sync = sync.ran;
+  m.failed_sync = sync.failed;
+  m.dropped_sync = sync.dropped;
+  const async_queue_counts async = queue_.counts();
+  m.ran_async = async.ran;
+  m.failed_async = async.failed;
+  m.discarded_async = async.discarded;
+  m.pending = async.pending;
+  m.queue_high_water = async.high_water;
+  m.blocked_ns = observer_.blocked_ns.load(std::memory_order_relaxed);
+  m.run_time = observer_.run_time();
+  return m;
 }
 
 sync_counts device_state::sync_totals() const noexcept {

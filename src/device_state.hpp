@@ -12,8 +12,10 @@
 
 #include "async_queue.hpp"
 #include "closure_batch.hpp"
+#include "closure_observer.hpp"
 #include "pending_closures.hpp"
 #include "stepflow/device_context.hpp"
+#include "stepflow/metrics.hpp"
 #include "stepflow/options.hpp"
 
 namespace stepflow::detail {
@@ -30,7 +32,7 @@ struct sync_counts {
 class device_state {
  public:
   device_state(stepflow::scheduler& owner, std::string name, const options& opts,
-               tbb::task_arena& arena, step_graph& graph);
+               tbb::task_arena& arena, step_graph& graph, trace_recorder* trace);
   ~device_state();
   device_state(const device_state&) = delete;
   device_state& operator=(const device_state&) = delete;
@@ -60,10 +62,12 @@ class device_state {
   device_shutdown_report finish_shutdown() noexcept;
 
   async_queue_counts async_counts() const noexcept { return queue_.counts(); }
+  device_metrics metrics() const;
+  const closure_observer& observer() const noexcept { return observer_; }
   sync_counts sync_totals() const noexcept;
 
  private:
-  void run_inline(closure_batch& first, closure_batch* second);
+  void run_inline(closure_batch& first, closure_batch* second, std::uint64_t step);
 
   device_context context_;
   stepflow::scheduler& owner_;
@@ -88,6 +92,9 @@ class device_state {
   std::atomic<std::uint64_t> sync_ran_{0};
   std::atomic<std::uint64_t> sync_failed_{0};
   std::atomic<std::uint64_t> sync_dropped_{0};
+  std::atomic<std::uint64_t> taken_{0};  // closures taken by step ends
+
+  closure_observer observer_;  // before queue_, which feeds it
 
   async_queue queue_;
 };

@@ -82,6 +82,7 @@ options options::from_env() {
   if (const char* v = std::getenv("STEPFLOW_SYNC")) {
     opts.sync_mode = detail::parse_switch("STEPFLOW_SYNC", v);
   }
+  if (const char* v = std::getenv("STEPFLOW_TRACE")) opts.trace_path = v;
   return opts;
 }
 

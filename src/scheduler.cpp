@@ -17,9 +17,11 @@
 
 #include "device_state.hpp"
 #include "error_reporting.hpp"
+#include "run_time_histogram.hpp"
 #include "step_graph.hpp"
 #include "stepflow/errors.hpp"
 #include "thread_frames.hpp"
+#include "trace_recorder.hpp"
 
 namespace stepflow {
 namespace detail {
@@ -35,7 +37,11 @@ class scheduler_state {
         arena_(
             std::max(1, tbb::info::default_concurrency() - 1), 0,
             opts.low_priority ? tbb::task_arena::priority::low : tbb::task_arena::priority::normal),
-        graph_(arena_, opts.ordering) {
+        // Opened first, so that an unwritable path fails the construction (config_error).
+        trace_(opts.trace_path.empty()
+                   ? nullptr
+                   : std::make_unique<trace_recorder>(opts.trace_path, opts.trace_max_events)),
+        graph_(arena_, opts.ordering, trace_.get()) {
     // Declared participants exist from the start and are the only ones.
     for (const std::string& name : options_.participants) device(name);
     if (!options_.participants.empty()) graph_.freeze();
@@ -46,8 +52,9 @@ class scheduler_state {
     auto it = devices_.find(name);
     if (it == devices_.end()) {
       it = devices_
-               .emplace(std::string(name), std::make_unique<device_state>(owner_, std::string(name),
-                                                                          options_, arena_, graph_))
+               .emplace(std::string(name),
+                        std::make_unique<device_state>(owner_, std::string(name), options_, arena_,
+                                                       graph_, trace_.get()))
                .first;
       // Takes part in lockstep and joins unless participation is frozen already.
       graph_.join(*it->second);
@@ -92,6 +99,7 @@ class scheduler_state {
       }
     }
     if (!graph_.wait_for_joined(deadline)) return false;
+    write_trace();
     // Only the first failure is thrown; the others stay recorded for their devices' next call.
     for (device_state* d : all) d->report_async_failure();
     if (auto failure = graph_.take_failure())
@@ -100,6 +108,33 @@ class scheduler_state {
   }
 
   void add_joined(closure&& c) { graph_.add_joined(std::move(c)); }
+
+  metrics_snapshot metrics() {
+    metrics_snapshot result;
+    run_time_histogram::counts merged{};
+    for (device_state* d : snapshot()) {
+      result.devices.push_back(d->metrics());
+      d->observer().histogram.add_to(merged);
+    }
+    const joined_counts joined = graph_.counts();
+    if (joined.added != 0) {
+      device_metrics j;
+      j.device = std::string(joined_device_name);
+      j.added_joined = joined.added;
+      j.ran_joined = joined.ran;
+      j.failed_joined = joined.failed;
+      j.discarded_async = joined.discarded;
+      j.run_time = graph_.observer().run_time();
+      graph_.observer().histogram.add_to(merged);
+      result.devices.push_back(std::move(j));
+    }
+    result.total = total_of(result.devices, merged);
+    return result;
+  }
+
+  void write_trace() {
+    if (trace_) trace_->write();
+  }
 
   bool retire(std::string_view name) {
     device_state* d = nullptr;
@@ -161,7 +196,8 @@ class scheduler_state {
   stepflow::scheduler& owner_;
   const options options_;
   tbb::task_arena arena_;
-  step_graph graph_;  // before devices_: devices are destroyed first
+  std::unique_ptr<trace_recorder> trace_;  // null: no trace
+  step_graph graph_;                       // before devices_: devices are destroyed first
   std::mutex mutex_;
   // std::map: device addresses (and references handed out) must stay stable.
   std::map<std::string, std::unique_ptr<device_state>, std::less<>> devices_;  // guarded
@@ -175,6 +211,16 @@ scheduler::scheduler(const stepflow::options& opts)
 
 scheduler::~scheduler() {
   const shutdown_report report = state_->shutdown();
+  try {
+    state_->write_trace();
+  } catch (const std::exception& e) {
+    if (state_->opts().report_to_stderr) {
+      try {
+        fmt::print(stderr, "stepflow: could not write the trace: {}\n", e.what());
+      } catch (...) {
+      }
+    }
+  }
   if (!report.empty()) {
     if (state_->opts().report_to_stderr) {
       try {
@@ -206,6 +252,10 @@ bool scheduler::flush_until(std::chrono::steady_clock::time_point deadline) {
 void scheduler::push_joined(closure&& c) { state_->add_joined(std::move(c)); }
 
 bool scheduler::retire(std::string_view name) { return state_->retire(name); }
+
+metrics_snapshot scheduler::metrics() const { return state_->metrics(); }
+
+void scheduler::write_trace() { state_->write_trace(); }
 
 const stepflow::options& scheduler::options() const noexcept { return state_->opts(); }
 

@@ -10,8 +10,13 @@
 
 namespace stepflow::detail {
 
-step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering)
-    : arena_(arena), ordering_(ordering) {}
+step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace)
+    : arena_(arena), ordering_(ordering) {
+  if (trace != nullptr) {
+    observer_.trace = trace;
+    observer_.track = trace->track("joined");
+  }
+}
 
 step_graph::~step_graph() = default;
 
@@ -156,13 +161,9 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
   {
     async_frame frame;  // like an asynchronous closure: never blocks on a full queue
     joined_step_frame step(wave);
+    observed_batch observed(observer_, closure_kind::joined, wave);
     for (std::size_t i = 0; i < todo.size(); ++i) {
-      std::exception_ptr error;
-      try {
-        todo[i]();
-      } catch (...) {
-        error = std::current_exception();
-      }
+      std::exception_ptr error = observed.run(todo[i]);
       todo[i].reset();
       std::vector<closure> behind;
       const bool failed = static_cast<bool>(error);

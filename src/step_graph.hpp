@@ -29,6 +29,7 @@
 #include <oneapi/tbb/task_group.h>
 
 #include "async_queue.hpp"
+#include "closure_observer.hpp"
 #include "stepflow/closure.hpp"
 #include "stepflow/options.hpp"
 
@@ -46,7 +47,7 @@ struct joined_counts {
 
 class step_graph {
  public:
-  step_graph(tbb::task_arena& arena, step_ordering ordering);
+  step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace);
   /// Precondition: `shutdown()` was called.
   ~step_graph();
   step_graph(const step_graph&) = delete;
@@ -79,6 +80,7 @@ class step_graph {
   std::size_t shutdown(std::optional<async_failure>& unreported) noexcept;
 
   joined_counts counts() const;
+  const closure_observer& observer() const noexcept { return observer_; }
 
  private:
   struct participant {
@@ -98,6 +100,7 @@ class step_graph {
 
   tbb::task_arena& arena_;
   const step_ordering ordering_;
+  closure_observer observer_;
 
   tbb::task_group_context signal_context_{tbb::task_group_context::isolated};
   tbb::task_group signal_tasks_{signal_context_};

@@ -7,8 +7,10 @@
 /// `closure` keeps callables of up to `closure::inline_size` bytes inside itself, so adding one
 /// costs no allocation, and relocating a trivially copyable one is a `memcpy`.
 
+#include <concepts>
 #include <cstddef>
 #include <cstring>
+#include <functional>
 #include <new>
 #include <type_traits>
 #include <utility>
@@ -51,6 +53,11 @@ class closure {
 
   explicit operator bool() const noexcept { return ops_ != nullptr; }
 
+  /// The name given with `stepflow::labeled`, or null. Shown in the timeline trace.
+  const char* label() const noexcept {
+    return ops_ != nullptr && ops_->label != nullptr ? ops_->label(storage_) : nullptr;
+  }
+
   /// Calls the stored callable. Precondition: not empty. May be called more than once; stepflow
   /// calls each closure exactly once and then destroys it.
   void operator()() { ops_->invoke(storage_); }
@@ -70,12 +77,37 @@ class closure {
     void (*relocate)(void* from, void* to) noexcept;
     // nullptr: nothing to do.
     void (*destroy)(void*) noexcept;
+    // nullptr: no label.
+    const char* (*label)(const void*) noexcept;
+  };
+
+  // A callable names itself with a `stepflow_label()` member (see `stepflow::labeled`).
+  template <class D>
+  static constexpr bool has_label = requires(const D& d) {
+    { d.stepflow_label() } -> std::convertible_to<const char*>;
   };
 
   template <class D>
   static constexpr bool stored_inline = sizeof(D) <= inline_size &&
                                         alignof(D) <= alignof(std::max_align_t) &&
                                         alignof(D) <= 8 && std::is_nothrow_move_constructible_v<D>;
+
+  template <class D, bool on_heap>
+  static constexpr const char* (*label_of())(const void*) noexcept {
+    if constexpr (has_label<D>) {
+      return +[](const void* s) noexcept -> const char* {
+        if constexpr (on_heap) {
+          const D* p;
+          std::memcpy(&p, s, sizeof p);
+          return p->stepflow_label();
+        } else {
+          return std::launder(static_cast<const D*>(s))->stepflow_label();
+        }
+      };
+    } else {
+      return nullptr;
+    }
+  }
 
   template <class D>
   static void call(D& f) {
@@ -98,7 +130,8 @@ class closure {
             },
       std::is_trivially_destructible_v<D>
           ? nullptr
-          : +[](void* s) noexcept { std::launder(static_cast<D*>(s))->~D(); }};
+          : +[](void* s) noexcept { std::launder(static_cast<D*>(s))->~D(); },
+      label_of<D, false>()};
 
   template <class D>
   static D* heap_pointer(void* s) noexcept {
@@ -109,7 +142,8 @@ class closure {
 
   template <class D>
   static constexpr ops_table heap_ops{[](void* s) { call(*heap_pointer<D>(s)); }, nullptr,
-                                      [](void* s) noexcept { delete heap_pointer<D>(s); }};
+                                      [](void* s) noexcept { delete heap_pointer<D>(s); },
+                                      label_of<D, true>()};
 
   void take(closure& other) noexcept {
     ops_ = other.ops_;
@@ -127,5 +161,25 @@ class closure {
 };
 
 static_assert(sizeof(closure) == 64, "a closure is meant to fill one cache line");
+
+/// Wraps a callable with a name for the timeline trace: `labeled("log_loss", f)`. `name` is not
+/// copied: pass a string that outlives the closure (a string literal).
+template <class F>
+struct labeled_callable {
+  const char* name;
+  F f;
+
+  const char* stepflow_label() const noexcept { return name; }
+
+  template <class... Args>
+  decltype(auto) operator()(Args&&... args) {
+    return std::invoke(f, std::forward<Args>(args)...);
+  }
+};
+
+template <class F>
+labeled_callable<std::decay_t<F>> labeled(const char* name, F&& f) {
+  return {name, std::forward<F>(f)};
+}
 
 }  // namespace stepflow

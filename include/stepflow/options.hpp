@@ -60,6 +60,16 @@ struct options {
   /// oneTBB's workers to the application's own arenas.
   bool low_priority = false;
 
+  /// Record a timeline of every closure (Chrome trace-event JSON, for Perfetto or
+  /// chrome://tracing) into this file: one track per device, closures as complete events with
+  /// their step, kind and label, and a queue-depth counter per device. Written by
+  /// `scheduler::flush()`, `scheduler::write_trace()` and at destruction. Empty: no trace. The file
+  /// is created when the scheduler is built, which throws `config_error` if it cannot be.
+  std::string trace_path;
+
+  /// The trace keeps at most this many events (the most recent ones; the rest are counted).
+  std::size_t trace_max_events = std::size_t{1} << 20;
+
   /// Write the shutdown report (unreported failures, never-run closures) to stderr.
   bool report_to_stderr = true;
 
@@ -68,7 +78,8 @@ struct options {
   std::function<void(const shutdown_report&)> on_shutdown_report;
 
   /// The defaults, then the environment: `LTC_MAX_ASYNC_QUEUE` (integer; 0 or negative means
-  /// unbounded) and `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty).
+  /// unbounded), `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty) and `STEPFLOW_TRACE`
+  /// (a file path for `trace_path`).
   /// Throws `config_error` naming the variable and its value when a value does not parse.
   static options from_env();
 };

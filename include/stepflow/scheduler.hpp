@@ -11,6 +11,7 @@
 
 #include "stepflow/detail/joined_step.hpp"
 #include "stepflow/device_context.hpp"
+#include "stepflow/metrics.hpp"
 #include "stepflow/options.hpp"
 
 namespace stepflow {
@@ -69,11 +70,8 @@ class scheduler {
     using D = std::decay_t<F>;
     detail::check_not_null<D>(f);
     if constexpr (std::is_invocable_v<D&, std::uint64_t, std::decay_t<Args>&...>) {
-      push_joined(detail::make_closure(
-          [g = std::forward<F>(f)](auto&... a) mutable {
-            std::invoke(g, detail::current_joined_step(), a...);
-          },
-          std::forward<Args>(args)...));
+      push_joined(detail::make_closure(detail::with_joined_step<D>{std::forward<F>(f)},
+                                       std::forward<Args>(args)...));
     } else {
       push_joined(detail::make_closure(std::forward<F>(f), std::forward<Args>(args)...));
     }
@@ -85,6 +83,15 @@ class scheduler {
   bool retire(std::string_view name);
 
   const stepflow::options& options() const noexcept;
+
+  /// A snapshot of every device's counters (and a `joined` row once joined closures were
+  /// added), with their total. Counters are read without stopping anything: each is exact, the
+  /// set is not one instant. `metrics_report(s.metrics())` prints it. Thread-safe.
+  metrics_snapshot metrics() const;
+
+  /// Writes the timeline trace (`options::trace_path`) now; no-op without one. Throws
+  /// `config_error` if the file cannot be written. Thread-safe.
+  void write_trace();
 
  private:
   void push_joined(closure&& c);

@@ -39,6 +39,10 @@ struct bound_call {
   F f;
   std::tuple<Args...> args;
 
+  // The label of a `stepflow::labeled` callable survives binding its arguments.
+  const char* stepflow_label() const noexcept requires requires(const F& g) { g.stepflow_label(); }
+  { return f.stepflow_label(); }
+
   void operator()() {
     if constexpr (std::is_invocable_v<F&&, Args&&...>) {
       std::apply([this](Args&... a) { std::invoke(std::move(f), std::move(a)...); }, args);

@@ -1,0 +1,191 @@
+// Metrics snapshots and the timeline trace, wired into a real scheduler.
+
+#include <stepflow/fmt.hpp>
+#include <stepflow/stepflow.hpp>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include <unistd.h>
+
+namespace stepflow {
+namespace {
+
+options quiet(std::size_t max_queue = 100) {
+  options o;
+  o.max_queue_size = max_queue;
+  o.report_to_stderr = false;
+  return o;
+}
+
+const device_metrics& row(const metrics_snapshot& m, const std::string& device) {
+  for (const device_metrics& d : m.devices) {
+    if (d.device == device) return d;
+  }
+  throw std::runtime_error("no row for " + device);
+}
+
+TEST(Metrics, CountEveryOutcomeOfEveryKind) {
+  scheduler s(quiet());
+  device_context& d = s.device("gpu0");
+  // Step 1: 3 sync (the second throws, the third is dropped), 4 async (the second throws, the
+  // rest are discarded).
+  d.add_step_closure([] {});
+  d.add_step_closure([] { throw std::runtime_error("sync"); });
+  d.add_step_closure([] {});
+  d.add_step_closure(run_async, [] {});
+  d.add_step_closure(run_async, [] { throw std::runtime_error("async"); });
+  d.add_step_closure(run_async, [] {});
+  d.add_step_closure(run_async, [] {});
+  EXPECT_THROW(d.run_step_closures(), std::runtime_error);
+  EXPECT_THROW(d.flush(), async_closure_error);
+  // Two closures waiting for a step end.
+  d.add_step_closure([] {});
+  d.add_step_closure(run_async, [] {});
+  s.add_joined_step_closure([] {});
+  s.device("gpu1").add_step_closure(run_async, [] {});
+  s.device("gpu1").run_step_closures();
+  s.device("gpu1").flush();
+
+  const metrics_snapshot m = s.metrics();
+  const device_metrics& g0 = row(m, "gpu0");
+  EXPECT_EQ(g0.steps, 1u);
+  EXPECT_EQ(g0.added_sync, 4u);
+  EXPECT_EQ(g0.added_async, 5u);
+  EXPECT_EQ(g0.ran_sync, 2u);
+  EXPECT_EQ(g0.failed_sync, 1u);
+  EXPECT_EQ(g0.dropped_sync, 1u);
+  EXPECT_EQ(g0.ran_async, 2u);
+  EXPECT_EQ(g0.failed_async, 1u);
+  EXPECT_EQ(g0.discarded_async, 2u);
+  EXPECT_EQ(g0.waiting, 2u);
+  EXPECT_EQ(g0.pending, 0u);
+  EXPECT_GE(g0.queue_high_water, 4u);
+  EXPECT_EQ(g0.run_time.count, 4u);  // 2 sync + 2 async ran
+  EXPECT_GE(g0.run_time.sampled, 1u);
+  const device_metrics& joined = row(m, "joined");
+  EXPECT_EQ(joined.added_joined, 1u);
+  EXPECT_EQ(m.total.added_sync, 4u);
+  EXPECT_EQ(m.total.added_async, 6u);
+  EXPECT_EQ(m.total.ran_async, 3u);
+  EXPECT_EQ(m.total.added_joined, 1u);
+
+  const std::string report = metrics_report(m);
+  EXPECT_NE(report.find("gpu0"), std::string::npos) << report;
+  EXPECT_NE(report.find("gpu1"), std::string::npos) << report;
+  EXPECT_NE(report.find("total"), std::string::npos) << report;
+  EXPECT_EQ(fmt::format("{}", m), report);
+}
+
+TEST(Metrics, TimeBlockedOnAFullQueueIsMeasured) {
+  scheduler s(quiet(1));
+  device_context& d = s.device("d");
+  std::atomic<bool> started{false};
+  std::atomic<bool> release{false};
+  d.add_step_closure(run_async, [&] {
+    started = true;
+    while (!release.load()) std::this_thread::yield();
+  });
+  d.run_step_closures();
+  while (!started.load()) std::this_thread::yield();
+  // The queue now holds nothing pending but its drainer is busy: fill it, then block.
+  d.add_step_closure(run_async, [] {});
+  d.run_step_closures();
+  d.add_step_closure(run_async, [] {});
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    release = true;
+  });
+  d.run_step_closures();  // waits for room until the first closure returns
+  releaser.join();
+  d.flush();
+  EXPECT_GT(s.metrics().devices.at(0).blocked_ns, 0u);
+}
+
+std::string temp_path(const char* name) {
+  return (std::filesystem::temp_directory_path() /
+          (std::string(name) + "-" + std::to_string(::getpid()) + ".json"))
+      .string();
+}
+
+TEST(Trace, RecordsEveryClosureWithItsKindStepAndLabel) {
+  const std::string path = temp_path("stepflow-trace");
+  {
+    options o = quiet();
+    o.trace_path = path;
+    scheduler s(o);
+    device_context& d = s.device("gpu0");
+    for (int step = 1; step <= 3; ++step) {
+      d.add_step_closure(labeled("print_loss", [] {}));
+      d.add_step_closure(run_async, labeled("write_metrics", [](int) {}), step);
+      s.add_joined_step_closure(labeled("mean_loss", [](std::uint64_t) {}));
+      d.run_step_closures();
+    }
+    s.flush();  // writes the file
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  const nlohmann::json trace = nlohmann::json::parse(in);
+  std::remove(path.c_str());
+  const auto& events = trace.at("traceEvents");
+  std::multiset<std::string> names;
+  std::set<std::uint64_t> async_steps;
+  bool depth_counter = false;
+  for (const auto& e : events) {
+    if (e.at("ph") == "X") {
+      names.insert(e.at("name").get<std::string>());
+      EXPECT_TRUE(e.contains("ts") && e.contains("dur") && e.contains("tid")) << e.dump();
+      if (e.at("name") == "write_metrics") {
+        EXPECT_EQ(e.at("cat"), "async");
+        async_steps.insert(e.at("args").at("step").get<std::uint64_t>());
+      }
+      if (e.at("name") == "print_loss") {
+        EXPECT_EQ(e.at("cat"), "sync");
+      }
+      if (e.at("name") == "mean_loss") {
+        EXPECT_EQ(e.at("cat"), "joined");
+      }
+    } else if (e.at("ph") == "C") {
+      if (e.at("name").get<std::string>().find("queue depth gpu0") != std::string::npos) {
+        depth_counter = true;
+      }
+    }
+  }
+  EXPECT_EQ(names.count("print_loss"), 3u);
+  EXPECT_EQ(names.count("write_metrics"), 3u);
+  EXPECT_EQ(names.count("mean_loss"), 3u);
+  EXPECT_EQ(async_steps, (std::set<std::uint64_t>{1, 2, 3}));
+  EXPECT_TRUE(depth_counter);
+}
+
+TEST(Trace, AnUnwritablePathFailsTheConstruction) {
+  options o = quiet();
+  o.trace_path = "/nonexistent-stepflow-dir/trace.json";
+  try {
+    scheduler s(o);
+    ADD_FAILURE() << "no exception";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent-stepflow-dir/trace.json"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Trace, StepflowTraceIntoAMissingDirectoryFailsTheDefaultConstruction) {
+  ::setenv("STEPFLOW_TRACE", "/nonexistent-stepflow-dir/env.json", 1);
+  EXPECT_THROW(scheduler s, config_error);
+  ::unsetenv("STEPFLOW_TRACE");
+}
+
+}  // namespace
+}  // namespace stepflow
