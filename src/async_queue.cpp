@@ -364,6 +364,8 @@ void async_queue::shutdown() noexcept {
   // queue's memory goes away.
   try {
     arena_.execute([this] { drainer_tasks_.wait(); });
+    // The tasks' ends were released on this key (enqueue_task); wait() is their join.
+    tsan_acquire(&tsan_task_handoff_key);
   } catch (...) {
     // Drainer tasks never throw; nothing to report.
   }

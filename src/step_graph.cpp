@@ -202,6 +202,7 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
   send_signals(signals);
   // The next step may start on every device only now, after the joined closures ran.
   for (device_state* d : gated) d->queue().set_gate(wave + 1);
+  tsan_release(&tsan_task_handoff_key);  // joined by shutdown's wait_for_all
 }
 
 std::size_t step_graph::discard_all_joined_locked(std::vector<closure>& out) noexcept {
@@ -306,6 +307,8 @@ std::size_t step_graph::shutdown(std::optional<async_failure>& unreported) noexc
       signal_tasks_.wait();
       if (graph_) graph_->wait_for_all();
     });
+    // Joined: signal tasks released on this key at their end (enqueue_task), graph bodies too.
+    tsan_acquire(&tsan_task_handoff_key);
   } catch (...) {
     // Graph bodies and signal tasks catch everything; nothing to report.
   }

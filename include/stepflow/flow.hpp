@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "stepflow/detail/tsan.hpp"
 #include "stepflow/device_context.hpp"
 
 namespace stepflow::flow {
@@ -32,6 +33,7 @@ template <class T>
 tbb::flow::function_node<T, T> step_end_node(tbb::flow::graph& g, device_context& device,
                                              std::size_t concurrency = tbb::flow::serial) {
   return tbb::flow::function_node<T, T>(g, concurrency, [&device](const T& message) {
+    detail::tsan_body_scope handoff;  // ThreadSanitizer only: see detail/tsan.hpp
     device.run_step_closures();
     return message;
   });
@@ -47,6 +49,8 @@ tbb::flow::function_node<T, T> closure_node(tbb::flow::graph& g, device_context&
                 "stepflow::flow::closure_node: f must be callable with const T&");
   return tbb::flow::function_node<T, T>(g, concurrency,
                                         [&device, f = std::move(f), mode](const T& message) {
+                                          // ThreadSanitizer only: see detail/tsan.hpp
+                                          detail::tsan_body_scope handoff;
                                           if (mode == closure_mode::async) {
                                             device.add_step_closure(run_async, f, message);
                                           } else {
