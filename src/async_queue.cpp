@@ -154,9 +154,14 @@ void async_queue::publish_progress_locked() noexcept {
 
 void async_queue::set_gate(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
-  gate_ = max_step;
+  gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
   if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
+}
+
+void async_queue::start_gated(std::uint64_t max_step) noexcept {
+  lock_type lock(mutex_);
+  gate_ = max_step;
 }
 
 void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener) {

@@ -81,9 +81,12 @@ class async_queue {
   bool wait_for_handed_over_until(std::chrono::steady_clock::time_point deadline);
 
   /// Lockstep ordering: closures of steps after `max_step` do not start until the gate is raised.
+  /// The gate only rises (a lower value is ignored).
   /// `no_gate` (the default) lets every step run.
   static constexpr std::uint64_t no_gate = std::numeric_limits<std::uint64_t>::max();
   void set_gate(std::uint64_t max_step) noexcept;
+  /// Closes the gate at `max_step` (it starts open). Call before the first `reserve`.
+  void start_gated(std::uint64_t max_step) noexcept;
 
   /// Called with step S when every closure of the steps up to S has run or been discarded
   /// (S never decreases; steps may be skipped). Called under the queue's lock: it must not call

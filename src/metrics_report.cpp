@@ -124,7 +124,10 @@ std::vector<std::string> run_time_row(const device_metrics& d) {
 }  // namespace
 
 std::string metrics_report(const metrics_snapshot& snapshot) {
-  const std::size_t n = snapshot.devices.size();
+  // The "joined" row is not a device.
+  const auto n = static_cast<std::size_t>(
+      std::count_if(snapshot.devices.begin(), snapshot.devices.end(),
+                    [](const device_metrics& d) { return d.device != "joined"; }));
   std::string out = fmt::format("stepflow metrics: {} device{}\n", n, n == 1 ? "" : "s");
 
   out += "closures (counts are sync/async/joined)\n";

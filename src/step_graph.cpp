@@ -30,7 +30,7 @@ void step_graph::join(device_state& device) {
   }
   // Outside mutex_: the listener runs under the queue's lock, which is always taken first.
   device.queue().set_step_listener([this, index](std::uint64_t step) { step_done(index, step); });
-  if (ordering_ == step_ordering::lockstep) device.queue().set_gate(1);
+  if (ordering_ == step_ordering::lockstep) device.queue().start_gated(1);
 }
 
 void step_graph::freeze() {

@@ -172,9 +172,8 @@ struct labeled_callable {
   const char* stepflow_label() const noexcept { return name; }
 
   template <class... Args>
-  decltype(auto) operator()(Args&&... args) {
-    return std::invoke(f, std::forward<Args>(args)...);
-  }
+  requires std::is_invocable_v<F&, Args...>
+  decltype(auto) operator()(Args&&... args) { return std::invoke(f, std::forward<Args>(args)...); }
 };
 
 template <class F>

@@ -1,6 +1,7 @@
-// Model-based randomized stress: random interleavings of adds (sync and async, random devices,
-// several threads), step ends, flushes, failing closures (std and non-std exceptions), closures
-// that re-enter (add, or end a step, from inside), and scheduler destruction with pending work.
+// Model-based randomized stress: random interleavings of adds (sync, async and joined, random
+// devices, several threads), step ends, flushes, failing closures (std and non-std exceptions),
+// closures that re-enter (add, or end a step, from inside), per-device and lockstep ordering, and
+// scheduler destruction with pending work.
 //
 // Invariants, checked on the main thread after each round against a simple sequential model:
 //   - every accepted closure is destroyed exactly once and runs at most once;
@@ -124,6 +125,9 @@ struct round_config {
   std::size_t max_queue;
   int threads;
   int ops_per_thread;
+  // Lockstep: a device that stops stepping holds the others back by design, so lockstep rounds
+  // use an unbounded queue (step ends never wait) and bounded flushes.
+  bool lockstep;
 };
 
 class stress_round {
@@ -137,7 +141,8 @@ class stress_round {
   void run() {
     {
       options o;
-      o.max_queue_size = config_.max_queue;
+      o.max_queue_size = config_.lockstep ? 0 : config_.max_queue;
+      o.ordering = config_.lockstep ? step_ordering::lockstep : step_ordering::per_device;
       o.report_to_stderr = false;
       o.on_shutdown_report = [this](const shutdown_report& r) {
         for (const device_shutdown_report& d : r.devices) {
@@ -146,6 +151,7 @@ class stress_round {
         }
       };
       scheduler s(o);
+      scheduler_ = &s;
       for (int d = 0; d < config_.devices; ++d)
         devices_.push_back(&s.device("d" + std::to_string(d)));
       std::vector<std::thread> threads;
@@ -169,13 +175,19 @@ class stress_round {
       const unsigned dice = static_cast<unsigned>(rng() % 100);
       if (dice < 40) {
         add_async(d, thread, seq++, rng());
-      } else if (dice < 70) {
+      } else if (dice < 65) {
         add_sync(d, rng());
+      } else if (dice < 70) {
+        add_joined(rng());
       } else if (dice < 95) {
         end_step(d);
       } else {
         try {
-          d.flush();
+          if (config_.lockstep) {
+            d.flush_for(std::chrono::milliseconds(20));
+          } else {
+            d.flush();
+          }
         } catch (const async_closure_error& e) {
           model_.reported(e);
         }
@@ -189,6 +201,25 @@ class stress_round {
     } catch (const async_closure_error& e) {
       model_.reported(e);
     }
+  }
+
+  // Joined closures: run once per global step; some throw, some take the step, some end a step.
+  void add_joined(std::uint64_t r) {
+    const std::size_t id = model_.new_closure();
+    scheduler_->add_joined_step_closure([this, t = token(&model_, id), r](std::uint64_t step) {
+      model_.ran(t.id);
+      if (step == 0) model_.order_broken();  // a joined closure always knows its step
+      switch (r % 8) {
+        case 0:
+          model_.thrown(t.id);
+          throw std::runtime_error(std::to_string(t.id));
+        case 1:
+          end_step(*devices_[(r / 8) % devices_.size()]);  // never blocks in a joined closure
+          break;
+        default:
+          break;
+      }
+    });
   }
 
   void add_sync(device_context& d, std::uint64_t r) {
@@ -259,6 +290,7 @@ class stress_round {
   std::uint64_t seed_;
   model model_;
   std::vector<device_context*> devices_;
+  scheduler* scheduler_ = nullptr;
 };
 
 std::uint64_t env_or(const char* name, std::uint64_t fallback) {
@@ -283,7 +315,8 @@ TEST(ModelStress, RandomInterleavingsKeepEveryInvariant) {
   do {
     const std::size_t queues[] = {1, 2, 7, 100, 0};
     const round_config config{1 + static_cast<int>(rng() % 4), queues[rng() % 5],
-                              1 + static_cast<int>(rng() % 3), 200 + static_cast<int>(rng() % 800)};
+                              1 + static_cast<int>(rng() % 3), 200 + static_cast<int>(rng() % 800),
+                              rng() % 3 == 0};
     const int tbb_threads = 1 + static_cast<int>(rng() % 4);
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism,
                               static_cast<std::size_t>(tbb_threads));
