@@ -10,6 +10,8 @@
 //   part 1  an async closure throws at step 3; the error arrives at the next step end
 //   part 2  the error arrives at flush()
 //   part 3  nobody asks: the scheduler reports it when it is destroyed
+//   part 4  not an exception, a device that stops stepping: in lockstep ordering it holds the
+//           others back; flush_for() gives up instead of hanging, retire() releases them
 //
 // The example checks every claim it prints and exits non-zero if one does not hold, so it also
 // runs as a test.
@@ -21,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <future>
 #include <stdexcept>
@@ -224,6 +227,60 @@ void part3_reported_at_shutdown() {
   expect(never_run == 1, "the closure no step end took is counted");
 }
 
+void part4_lockstep_device_that_stopped() {
+  fmt::print("part 4: lockstep; a device stops stepping\n");
+  stepflow::options opts;
+  opts.ordering = stepflow::step_ordering::lockstep;
+  // Both devices take part in lockstep (and joined closures) from the start.
+  opts.participants = {"fast", "stalled"};
+  stepflow::scheduler sched(opts);
+  stepflow::device_context& fast = sched.device("fast");
+  stepflow::device_context& stalled = sched.device("stalled");
+
+  std::atomic<int> fast_ran{0};  // steps whose async closure of `fast` ran
+  std::atomic<bool> joined_ran{false};
+
+  // Step 1: both devices end it.
+  stalled.add_step_closure(stepflow::run_async, [] {});
+  fast.add_step_closure(stepflow::run_async, [&] { ++fast_ran; });
+  fast.run_step_closures();
+  stalled.run_step_closures();
+
+  // Step 2 and 3: only `fast` steps; `stalled` has stopped (a hung data loader, say). A joined
+  // closure for step 2 (the current global step: every device ended step 1, not all step 2).
+  sched.add_joined_step_closure([&joined_ran](std::uint64_t step) {
+    joined_ran = true;
+    fmt::print("  the joined closure of step {} ran\n", step);
+  });
+  for (int step = 2; step <= 3; ++step) {
+    fast.add_step_closure(stepflow::run_async, [&] { ++fast_ran; });
+    fast.run_step_closures();  // never blocks here: fast's queue has room
+  }
+  fmt::print("  'fast' ended steps 1-3, 'stalled' stopped after step 1\n");
+
+  // Lockstep: fast's closures of step 3 wait until every device's closures of step 2 ran, and
+  // stalled never ends step 2. flush() would wait forever; flush_for() gives up.
+  const bool flushed = fast.flush_for(std::chrono::milliseconds(200));
+  fmt::print("  fast.flush_for(200ms) -> {}: async closures of fast that ran: {}\n", flushed,
+             fast_ran.load());
+  expect(!flushed, "flush_for() gave up while a participant stopped stepping");
+  expect(fast_ran <= 2, "fast's closure of step 3 waited for the stopped device");
+  expect(!joined_ran, "the joined closure of step 2 waited for the stopped device");
+  expect(!sched.flush_for(std::chrono::milliseconds(0)), "scheduler::flush_for() gives up too");
+
+  // retire(): `stalled` no longer takes part, so nobody waits for it any more.
+  const bool retired = sched.retire("stalled");
+  fmt::print("  sched.retire(\"stalled\") -> {}\n", retired);
+  expect(retired, "retire() took the stopped device out");
+  const bool flushed_after = sched.flush_for(std::chrono::seconds(10));
+  fmt::print("  sched.flush_for(10s) -> {}: async closures of fast that ran: {}\n", flushed_after,
+             fast_ran.load());
+  expect(flushed_after, "after retire(), the flush finished");
+  expect(fast_ran == 3, "after retire(), fast's closures of every step ran");
+  expect(joined_ran, "after retire(), the joined closure of step 2 ran");
+  expect(!sched.retire("stalled"), "retire() of a device that no longer takes part returns false");
+}
+
 }  // namespace
 
 int main() {
@@ -232,6 +289,7 @@ int main() {
     part1_reported_at_next_step_end(sched);
     part2_reported_at_flush(sched);
     part3_reported_at_shutdown();
+    part4_lockstep_device_that_stopped();
   } catch (const std::exception& e) {
     fmt::print(stderr, "error_handling: unexpected exception: {}\n", e.what());
     return 1;
