@@ -152,27 +152,19 @@ class scheduler_state {
     graph_.open_gates();
     // An asynchronous or joined closure may end another device's step and so queue more work
     // there: repeat until a whole pass finds every device idle and nothing new handed over.
-    for (;;) {
-      const std::vector<device_state*> all = snapshot();
-      const std::uint64_t before = total_handed_over(all);
-      const std::uint64_t joined_before = graph_.completed_step();
-      for (device_state* d : all) d->drain_for_shutdown();
-      try {
-        graph_.wait_for_joined(nullptr);
-      } catch (...) {
-      }
-      if (total_handed_over(snapshot()) == before && snapshot().size() == all.size() &&
-          graph_.completed_step() == joined_before) {
-        break;
-      }
-    }
+    drain_until_quiet(true);
+    // Then stop the graph for good; joined closures that ran during its join may have queued
+    // device work, drained once more. After that nothing runs: the devices' and the graph's
+    // leftovers can be collected without losing any closure.
+    graph_.stop();
+    drain_until_quiet(false);
     shutdown_report report;
-    std::optional<async_failure> joined_failure;
-    const std::size_t joined_never_run = graph_.shutdown(joined_failure);
     for (device_state* d : snapshot()) {
       device_shutdown_report r = d->finish_shutdown();
       if (r.unreported_error || r.never_run != 0) report.devices.push_back(std::move(r));
     }
+    std::optional<async_failure> joined_failure;
+    const std::size_t joined_never_run = graph_.collect_unrun(joined_failure);
     if (joined_failure || joined_never_run != 0) {
       device_shutdown_report r;
       r.device = std::string(joined_device_name);
@@ -187,6 +179,25 @@ class scheduler_state {
   }
 
  private:
+  void drain_until_quiet(bool joined_too) noexcept {
+    for (;;) {
+      const std::vector<device_state*> all = snapshot();
+      const std::uint64_t before = total_handed_over(all);
+      const std::uint64_t joined_before = graph_.completed_step();
+      for (device_state* d : all) d->drain_for_shutdown();
+      if (joined_too) {
+        try {
+          graph_.wait_for_joined(nullptr);
+        } catch (...) {
+        }
+      }
+      if (total_handed_over(snapshot()) == before && snapshot().size() == all.size() &&
+          graph_.completed_step() == joined_before) {
+        return;
+      }
+    }
+  }
+
   static std::uint64_t total_handed_over(const std::vector<device_state*>& all) noexcept {
     std::uint64_t total = 0;
     for (device_state* d : all) total += d->async_counts().handed_over;

@@ -245,7 +245,7 @@ void step_graph::add_joined(closure&& c) {
       if (min_steps != std::numeric_limits<std::uint64_t>::max()) step = min_steps + 1;
       if (active_) step = std::max(step, wave_);
       joined_[step].push_back(std::move(c));
-      if (frozen_ && !active_) {
+      if (frozen_ && !active_ && !stopping_) {
         activate_locked();
         signals = collect_signals_locked();
       }
@@ -293,11 +293,12 @@ std::uint64_t step_graph::completed_step() const {
   return completed_wave_;
 }
 
-std::size_t step_graph::shutdown(std::optional<async_failure>& unreported) noexcept {
+void step_graph::stop() noexcept {
   {
-    // From now on no signal is collected and no gate raised; once the signals collected before
-    // are enqueued and the tasks below are joined, no new task of the graph, or of a device
-    // queue, can appear from here.
+    // From now on no signal is collected, no gate raised and no graph built; once the signals
+    // collected before are enqueued and the tasks below are joined, no task of the graph can
+    // run again. Joined closures that ran meanwhile may have queued device work: the caller
+    // drains the devices again afterwards.
     std::unique_lock lock(mutex_);
     stopping_ = true;
     progress_.wait(lock, [this] { return sending_ == 0; });
@@ -312,6 +313,9 @@ std::size_t step_graph::shutdown(std::optional<async_failure>& unreported) noexc
   } catch (...) {
     // Graph bodies and signal tasks catch everything; nothing to report.
   }
+}
+
+std::size_t step_graph::collect_unrun(std::optional<async_failure>& unreported) noexcept {
   std::vector<closure> never_run;
   std::size_t count;
   {

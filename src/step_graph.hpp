@@ -48,7 +48,7 @@ struct joined_counts {
 class step_graph {
  public:
   step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace);
-  /// Precondition: `shutdown()` was called.
+  /// Precondition: `stop()` was called.
   ~step_graph();
   step_graph(const step_graph&) = delete;
   step_graph& operator=(const step_graph&) = delete;
@@ -75,9 +75,11 @@ class step_graph {
   void open_gates() noexcept;
   /// Last global step whose joined closures ran.
   std::uint64_t completed_step() const;
-  /// Joins every task of the graph. Then returns the joined closures that never ran (destroyed)
-  /// and an unreported failure.
-  std::size_t shutdown(std::optional<async_failure>& unreported) noexcept;
+  /// Shutdown: stops the graph for good and joins its tasks.
+  void stop() noexcept;
+  /// After `stop()` and once nothing can add joined closures any more: destroys the joined
+  /// closures that never ran and returns how many, and the unreported failure.
+  std::size_t collect_unrun(std::optional<async_failure>& unreported) noexcept;
 
   joined_counts counts() const;
   const closure_observer& observer() const noexcept { return observer_; }
