@@ -14,16 +14,12 @@
 #include <vector>
 
 #include "support/tbb_threads.hpp"
+#include "support/test_options.hpp"
 
 namespace stepflow {
 namespace {
 
-options quiet_options(std::size_t max_queue = 100) {
-  options o;
-  o.max_queue_size = max_queue;
-  o.report_to_stderr = false;
-  return o;
-}
+options quiet_options(std::size_t max_queue = 100) { return testing::quiet_options(max_queue); }
 
 // ---------------------------------------------------------------------------------------------
 // Capture

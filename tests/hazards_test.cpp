@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "support/tbb_threads.hpp"
+#include "support/test_options.hpp"
 #include "support/tsan_handoff.hpp"
 #include "support/watchdog.hpp"
 
@@ -48,6 +49,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using stepflow::run_async;
+using stepflow::testing::probe;
 using stepflow::testing::watchdog;
 
 // --- helpers ------------------------------------------------------------------------------------
@@ -57,31 +59,8 @@ struct closure_failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// An asynchronous closure whose fate is observable: `gone` counts down when it is destroyed,
-/// after running or when discarded; `runs` says which.
-class probe {
- public:
-  probe(std::atomic<int>& runs, std::latch& gone) : runs_(&runs), gone_(&gone) {}
-  probe(probe&& other) noexcept : runs_(other.runs_), gone_(std::exchange(other.gone_, nullptr)) {}
-  probe(const probe&) = delete;
-  probe& operator=(const probe&) = delete;
-  probe& operator=(probe&&) = delete;
-  ~probe() {
-    if (gone_ != nullptr) gone_->count_down();
-  }
-  void operator()() { runs_->fetch_add(1); }
-
- private:
-  std::atomic<int>* runs_;
-  std::latch* gone_;
-};
-
-/// Options independent of the environment, quiet at shutdown unless a test asks otherwise.
 stepflow::options test_options(std::size_t max_queue_size = 100) {
-  stepflow::options opts;
-  opts.max_queue_size = max_queue_size;
-  opts.report_to_stderr = false;
-  return opts;
+  return stepflow::testing::quiet_options(max_queue_size);
 }
 
 /// Runs `call`; returns the `async_closure_error` it threw, or nothing. Other exceptions escape

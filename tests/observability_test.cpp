@@ -19,15 +19,12 @@
 
 #include <unistd.h>
 
+#include "support/test_options.hpp"
+
 namespace stepflow {
 namespace {
 
-options quiet(std::size_t max_queue = 100) {
-  options o;
-  o.max_queue_size = max_queue;
-  o.report_to_stderr = false;
-  return o;
-}
+options quiet(std::size_t max_queue = 100) { return testing::quiet_options(max_queue); }
 
 const device_metrics& row(const metrics_snapshot& m, const std::string& device) {
   for (const device_metrics& d : m.devices) {

@@ -17,17 +17,13 @@
 #include <vector>
 
 #include "support/tbb_threads.hpp"
+#include "support/test_options.hpp"
 #include "support/tsan_handoff.hpp"
 
 namespace stepflow {
 namespace {
 
-options quiet_options(std::size_t max_queue = 100) {
-  options o;
-  o.max_queue_size = max_queue;
-  o.report_to_stderr = false;
-  return o;
-}
+options quiet_options(std::size_t max_queue = 100) { return testing::quiet_options(max_queue); }
 
 class Scheduler : public testing::with_tbb_threads {};
 

@@ -23,10 +23,12 @@
 #include <vector>
 
 #include "support/tbb_threads.hpp"
+#include "support/test_options.hpp"
 #include "support/watchdog.hpp"
 
 namespace {
 
+using stepflow::testing::probe;
 using stepflow::testing::watchdog;
 
 /// torch's tests raise RuntimeError; a type of our own shows the exception is not re-wrapped.
@@ -34,31 +36,8 @@ struct simulated_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// An asynchronous closure whose fate the test can observe: `gone` counts down when the closure
-/// is destroyed, after it ran or when it was discarded; `runs` says which.
-class probe {
- public:
-  probe(std::atomic<int>& runs, std::latch& gone) : runs_(&runs), gone_(&gone) {}
-  probe(probe&& other) noexcept : runs_(other.runs_), gone_(std::exchange(other.gone_, nullptr)) {}
-  probe(const probe&) = delete;
-  probe& operator=(const probe&) = delete;
-  probe& operator=(probe&&) = delete;
-  ~probe() {
-    if (gone_ != nullptr) gone_->count_down();
-  }
-  void operator()() { runs_->fetch_add(1); }
-
- private:
-  std::atomic<int>* runs_;
-  std::latch* gone_;
-};
-
-/// Options independent of the environment (LTC_MAX_ASYNC_QUEUE, STEPFLOW_SYNC), quiet at shutdown.
 stepflow::options test_options(std::size_t max_queue_size = 100) {
-  stepflow::options opts;
-  opts.max_queue_size = max_queue_size;
-  opts.report_to_stderr = false;
-  return opts;
+  return stepflow::testing::quiet_options(max_queue_size);
 }
 
 class TorchParity : public stepflow::testing::with_tbb_threads {};
