@@ -49,12 +49,6 @@ void step_graph::freeze() {
   send_signals(signals);
 }
 
-bool step_graph::is_participant(const device_state& device) const {
-  std::lock_guard lock(mutex_);
-  return std::any_of(participants_.begin(), participants_.end(),
-                     [&](const participant& p) { return p.device == &device && !p.retired; });
-}
-
 bool step_graph::retire(const device_state& device) {
   std::size_t signals = 0;
   device_state* retired = nullptr;

@@ -58,7 +58,6 @@ class step_graph {
   void join(device_state& device);
   /// Freezes participation: the first step end of any device calls it.
   void freeze();
-  bool is_participant(const device_state& device) const;
   /// Removes `device` from lockstep and joins: the other devices stop waiting for it.
   /// Returns false when it was not a participant.
   bool retire(const device_state& device);
