@@ -115,6 +115,7 @@ class async_queue {
 
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
   bool runnable_locked() const noexcept;
+  bool drainer_about_to_start_locked() const noexcept;
   void publish_progress_locked() noexcept;
   void admit_locked(bool force) noexcept;
   void schedule_drainer_locked();
@@ -162,8 +163,9 @@ class async_queue {
   std::uint64_t running_step_ = 0;  // step of the batch being run, 0 when none
   std::uint64_t done_step_ = 0;     // every closure of steps <= done_step_ ran or was discarded
   std::function<void(std::uint64_t)> step_listener_;
-  bool draining_ = false;      // someone holds the right to run closures
-  bool task_pending_ = false;  // a drainer task is enqueued and has not started
+  bool draining_ = false;                // someone holds the right to run closures
+  bool task_pending_ = false;            // a drainer task is enqueued and has not started
+  std::uint64_t task_scheduled_ns_ = 0;  // when it was enqueued
   std::exception_ptr failure_;
   bool failed_ = false;  // fail-stop: from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
