@@ -42,9 +42,10 @@ class batch_pool {
   }
 
  private:
-  // Enough for a step's sync and async batches plus a few queued batches in flight; more would
-  // only pin memory after a burst.
-  static constexpr std::size_t max_spare = 8;
+  // Enough for a step's sync and async batches plus the pieces of a step larger than the queue
+  // bound in flight (B7: 8 were too few at 1,000 closures per step with a bound of 100); more
+  // would only pin memory after a burst.
+  static constexpr std::size_t max_spare = 32;
   std::mutex mutex_;
   std::vector<closure_batch> spare_;
 };
