@@ -532,7 +532,7 @@ def targets(res: Results) -> list[list[str]]:
             f"p99 {us(p99)} µs (p50 {us(r.get('p50_ns')) if r else 'n/a'} µs)",
             None if p99 is None else p99 <= limit)
     # B6
-    add("B6 lockstep ≤ 2× per_device per step", "not measured: lockstep is not built yet (TODO)",
+    add("B6 lockstep ≤ 2× per_device per step", "not measured yet: the B6 benchmark is not written (TODO)",
         None)
     # B7
     for per_step in (100, 1000):
