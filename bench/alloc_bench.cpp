@@ -46,7 +46,8 @@ void trace_new(std::size_t n) noexcept {
   void* frames[24];
   const int depth = backtrace(frames, 24);
   char header[64];
-  const int len = std::snprintf(header, sizeof header, "operator new(%zu) in a measured region:\n", n);
+  const int len =
+      std::snprintf(header, sizeof header, "operator new(%zu) in a measured region:\n", n);
   if (len > 0) static_cast<void>(::write(2, header, static_cast<std::size_t>(len)));
   backtrace_symbols_fd(frames, depth, 2);
 }

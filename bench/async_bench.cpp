@@ -104,7 +104,9 @@ void async_args_wide_bound(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(async_stepflow)->Name("B2_async/stepflow")->Apply(async_args_wide_bound);
 // One iteration of a baseline takes 0.3-0.6 s: a single iteration per repetition is plenty.
-BENCHMARK(async_task_per_closure)->Name("B2_async/tbb_task_per_closure")->Apply(async_args)
+BENCHMARK(async_task_per_closure)
+    ->Name("B2_async/tbb_task_per_closure")
+    ->Apply(async_args)
     ->Iterations(1);
 BENCHMARK(async_torch_port)->Name("B2_async/torch_port")->Apply(async_args)->Iterations(1);
 

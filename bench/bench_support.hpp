@@ -36,8 +36,7 @@ namespace stepflow_bench {
 using clock_type = std::chrono::steady_clock;
 
 inline std::int64_t now_ns() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             clock_type::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch())
       .count();
 }
 
@@ -174,8 +173,8 @@ inline void spin_until(std::int64_t deadline_ns) noexcept {
 
 inline void add_context() {
   benchmark::AddCustomContext("stepflow_version", stepflow::version_string);
-  benchmark::AddCustomContext("tbb_version", std::to_string(TBB_VERSION_MAJOR) + "." +
-                                                 std::to_string(TBB_VERSION_MINOR));
+  benchmark::AddCustomContext(
+      "tbb_version", std::to_string(TBB_VERSION_MAJOR) + "." + std::to_string(TBB_VERSION_MINOR));
   benchmark::AddCustomContext("tbb_runtime_version", TBB_runtime_version());
   benchmark::AddCustomContext("tbb_default_concurrency",
                               std::to_string(tbb::info::default_concurrency()));
@@ -199,13 +198,13 @@ inline void add_context() {
 }  // namespace stepflow_bench
 
 /// main() of every benchmark binary: the run context, then Google Benchmark as usual.
-#define STEPFLOW_BENCHMARK_MAIN()                                          \
-  int main(int argc, char** argv) {                                        \
-    stepflow_bench::add_context();                                         \
-    ::benchmark::Initialize(&argc, argv);                                  \
-    if (::benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;    \
-    ::benchmark::RunSpecifiedBenchmarks();                                 \
-    ::benchmark::Shutdown();                                               \
-    return 0;                                                              \
-  }                                                                        \
+#define STEPFLOW_BENCHMARK_MAIN()                                       \
+  int main(int argc, char** argv) {                                     \
+    stepflow_bench::add_context();                                      \
+    ::benchmark::Initialize(&argc, argv);                               \
+    if (::benchmark::ReportUnrecognizedArguments(argc, argv)) return 1; \
+    ::benchmark::RunSpecifiedBenchmarks();                              \
+    ::benchmark::Shutdown();                                            \
+    return 0;                                                           \
+  }                                                                     \
   static_assert(true, "require a semicolon")
