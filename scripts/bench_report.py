@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BINARIES = [
     ("sync_step_bench", "B1"),
     ("async_bench", "B2"),
+    ("handoff_floor_bench", "B2"),
     ("producer_bench", "B3"),
     ("scaling_bench", "B4"),
     ("latency_bench", "B5"),
@@ -370,6 +371,16 @@ def section_b2(res: Results) -> str:
     if wide is not None:
         out += ("\n\nDiagnosis (not a target): stepflow, 48 B, with a queue bound of 1000 instead "
                 f"of 100: {fmt_num(ns(wide))} ns/closure.")
+    floor = sorted(res.all("B2_floor", "spsc_64B_records"),
+                   key=lambda r: (r.args.get("in_flight", 0), r.args.get("ring", 0)))
+    if floor:
+        rows = [[f"{r.args['ring']:,}", f"{r.args['in_flight']:,}", str(r.args["per_step"]),
+                 fmt_num(ns(r))] for r in floor]
+        out += ("\n\nThe machine's floor (`handoff_floor_bench`, not stepflow): handing 64-byte "
+                "records (one closure each) from one thread to another through a bare "
+                "single-producer ring, a step at a time, nothing else shared:\n\n"
+                + table(["ring slots", "records in flight at most", "per step",
+                         "ns per record"], rows))
     return out
 
 

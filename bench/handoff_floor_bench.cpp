@@ -1,0 +1,97 @@
+// Reference for B2 (issue 5), not a stepflow benchmark: what it costs on this machine to hand
+// 64-byte records (one stepflow::closure each) from one thread to another at all. A producer
+// writes a step's records into a ring and publishes the step with one release store; a consumer
+// thread reads every record and publishes its progress; the producer waits while the ring is
+// full. Nothing else is shared, no lock, no allocation: the floor any step-batched async queue
+// pays per closure. `in_flight` is the most records written and not yet read (a queue bound of
+// 100 plus the step being written: 200); `ring` is how many record slots the memory rotates
+// through, which decides whether a slot's line is still in the other core's cache when reused.
+//
+// The threads are not pinned; on a machine with one CPU this measures time slicing instead.
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "bench_support.hpp"
+
+namespace {
+
+using namespace stepflow_bench;
+
+struct alignas(64) record {
+  std::uint64_t words[8];
+};
+static_assert(sizeof(record) == 64);
+
+void handoff_spsc(benchmark::State& state) {
+  const auto ring = static_cast<std::uint64_t>(state.range(0));
+  const auto in_flight = static_cast<std::uint64_t>(state.range(1));
+  const auto per_step = static_cast<std::uint64_t>(state.range(2));
+  const std::uint64_t total = 1'000'000;
+  std::vector<record> buffer(ring);
+  struct alignas(64) counter {
+    std::atomic<std::uint64_t> value{0};
+  };
+  counter produced;
+  counter consumed;
+  std::atomic<bool> stop{false};
+  std::uint64_t checksum = 0;
+
+  std::thread consumer([&] {
+    std::uint64_t next = 0;
+    std::uint64_t sum = 0;
+    for (;;) {
+      std::uint64_t end;
+      while ((end = produced.value.load(std::memory_order_acquire)) == next) {
+        if (stop.load(std::memory_order_relaxed)) {
+          checksum = sum;
+          return;
+        }
+      }
+      for (; next < end; ++next) {
+        const record& r = buffer[next % ring];
+        sum += r.words[0] + r.words[6];
+      }
+      consumed.value.store(next, std::memory_order_release);
+    }
+  });
+
+  std::uint64_t sent = 0;
+  closure_timer timer;
+  timer.start();
+  for (auto _ : state) {
+    const std::uint64_t goal = sent + total;
+    while (sent < goal) {
+      while (sent + per_step - consumed.value.load(std::memory_order_acquire) > in_flight) {
+      }
+      for (std::uint64_t i = sent; i < sent + per_step; ++i) {
+        record& r = buffer[i % ring];
+        for (std::uint64_t k = 0; k < 7; ++k) r.words[k] = i + k;
+      }
+      sent += per_step;
+      produced.value.store(sent, std::memory_order_release);
+    }
+    while (consumed.value.load(std::memory_order_acquire) != sent) {  // the "flush"
+    }
+  }
+  timer.stop();
+  stop.store(true);
+  consumer.join();
+  timer.report(state, sent);
+  benchmark::DoNotOptimize(checksum);
+}
+
+}  // namespace
+
+BENCHMARK(handoff_spsc)
+    ->Name("B2_floor/spsc_64B_records")
+    ->ArgNames({"ring", "in_flight", "per_step"})
+    ->Args({200, 200, 100})
+    ->Args({10'000, 200, 100})
+    ->Args({10'000, 10'000, 100})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+STEPFLOW_BENCHMARK_MAIN();
