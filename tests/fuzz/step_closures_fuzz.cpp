@@ -69,9 +69,7 @@
 // STEPFLOW_FUZZ_REPLAY, step_closures_fuzz_replay, a plain program that runs the files and
 // directories given as arguments (`--repeat=N` runs each N times).
 //
-// Environment: STEPFLOW_FUZZ_TRACE=1 prints every operation and closure event (for reproducers);
-// STEPFLOW_FUZZ_KNOWN_BUGS=1 turns off the workarounds for known library bugs (listed below, at
-// reproduce_known_bugs).
+// Environment: STEPFLOW_FUZZ_TRACE=1 prints every operation and closure event (for reproducers).
 
 #include <stepflow/stepflow.hpp>
 
@@ -149,19 +147,6 @@ void trace(const char* format, ...) {
   std::vfprintf(stderr, format, args);
   va_end(args);
   std::fputc('\n', stderr);
-}
-
-// Known library bugs the driver steps around by default, so that fuzzing goes on finding others
-// (a fuzzer stops at its first crash). STEPFLOW_FUZZ_KNOWN_BUGS=1 drives straight into them, to
-// reproduce one or to check a fix. Remove an entry once its bug is fixed. None is open now;
-// fixed ones stay in the corpus as regression inputs (lockstep_shutdown_regate,
-// retired_shutdown_lost).
-[[maybe_unused]] bool reproduce_known_bugs() {
-  static const bool on = [] {
-    const char* v = std::getenv("STEPFLOW_FUZZ_KNOWN_BUGS");
-    return v != nullptr && *v != '\0' && *v != '0';
-  }();
-  return on;
 }
 
 std::int64_t now_ns() {
