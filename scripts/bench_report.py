@@ -42,10 +42,11 @@ BINARIES = [
     ("producer_bench", "B3"),
     ("scaling_bench", "B4"),
     ("latency_bench", "B5"),
+    ("lockstep_bench", "B6"),
     ("alloc_bench", "B7"),
 ]
 
-SECTIONS = ["machine", "commands", "targets", "B1", "B2", "B3", "B4", "B5", "B7"]
+SECTIONS = ["machine", "commands", "targets", "B1", "B2", "B3", "B4", "B5", "B6", "B7"]
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -453,6 +454,39 @@ def section_b5(res: Results) -> str:
                   "samples"], rows)
 
 
+# B6: (producer threads, table label, target label) and closures per device step; 8 devices.
+B6_PRODUCERS = [(1, "1 (devices in turn)", "one thread ends every device's step in turn"),
+                (8, "8 (one per device)", "one thread per device")]
+B6_PER_STEP = (1, 10, 100)
+
+
+def b6_pairs(res: Results, producers: int) -> list[tuple[int, Result | None, Result | None]]:
+    """(closures per device step, per_device result, lockstep result), for each measured size."""
+    out = []
+    for per_step in B6_PER_STEP:
+        pd = res.find("B6_lockstep", "stepflow_per_device", producers=producers, per_step=per_step)
+        ls = res.find("B6_lockstep", "stepflow_lockstep", producers=producers, per_step=per_step)
+        if pd is not None or ls is not None:
+            out.append((per_step, pd, ls))
+    return out
+
+
+def section_b6(res: Results) -> str:
+    rows = []
+    for producers, label, _ in B6_PRODUCERS:
+        for per_step, pd, ls in b6_pairs(res, producers):
+            rows.append([
+                label, str(per_step), str(8 * per_step),
+                fmt_num(ns(pd, "ns_per_step")), fmt_num(ns(ls, "ns_per_step")),
+                fmt_ratio(ns(ls, "ns_per_step"), ns(pd, "ns_per_step")),
+                f"{us(ns(pd, 'blocked_ns_per_step'))} / {us(ns(ls, 'blocked_ns_per_step'))}",
+            ])
+    return table(["producer threads", "closures per device step", "closures per global step",
+                  "per_device ns/step", "lockstep ns/step", "lockstep / per_device",
+                  "step ends blocked per global step (sum of 8 devices), per_device / lockstep µs"],
+                 rows)
+
+
 def section_b7(res: Results) -> str:
     rows = []
     for mode, ours_impl, base_impl, base_label in (
@@ -543,8 +577,20 @@ def targets(res: Results) -> list[list[str]]:
             f"p99 {us(p99)} µs (p50 {us(r.get('p50_ns')) if r else 'n/a'} µs)",
             None if p99 is None else p99 <= limit)
     # B6
-    add("B6 lockstep ≤ 2× per_device per step", "not measured yet: the B6 benchmark is not written (TODO)",
-        None)
+    for producers, _, label in B6_PRODUCERS:
+        pairs = [(k, ns(pd, "ns_per_step"), ns(ls, "ns_per_step"))
+                 for k, pd, ls in b6_pairs(res, producers)]
+        target = f"B6 lockstep ≤ 2× per_device per step, 8 devices, {label}"
+        ratios = [(k, ls / pd) for k, pd, ls in pairs if pd and ls is not None]
+        if not ratios:
+            add(target, "not measured (no lockstep_bench results)", None)
+            continue
+        worst = max(r for _, r in ratios)
+        # A missing size can only turn a PASS into n/a, never a MISS into one.
+        ok = False if worst > 2 else (True if len(ratios) == len(B6_PER_STEP) else None)
+        add(target,
+            f"worst {worst:.2f}× ({', '.join(f'{r:.2f}×' for _, r in ratios)} for "
+            f"{', '.join(str(k) for k, _ in ratios)} closures per device step)", ok)
     # B7
     for per_step in (100, 1000):
         for impl, mode in (("stepflow_sync", "sync"), ("stepflow_async", "async")):
@@ -684,6 +730,7 @@ def main() -> int:
         "B3": section_b3(res),
         "B4": section_b4(res),
         "B5": section_b5(res),
+        "B6": section_b6(res),
         "B7": section_b7(res),
     }
     print(sections["targets"])
