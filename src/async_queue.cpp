@@ -1,6 +1,7 @@
 #include "async_queue.hpp"
 
 #include <algorithm>
+#include <thread>
 #include <utility>
 
 #include "closure_observer.hpp"
@@ -9,13 +10,28 @@
 
 namespace stepflow::detail {
 namespace {
-// Room is given back every this many finished closures, not once per batch: when the bound equals
-// the step size, releasing a whole batch at once makes producer and drainer take turns instead of
-// overlapping (measured on the prototype, see docs/architecture.md).
+// Progress (finished closures) is published every this many closures, not once per batch, so a
+// flush or a producer waiting for room hears of it while a long batch runs.
 constexpr std::size_t release_every = 16;
 constexpr std::size_t initial_ring_slots = 8;
-// How long a waiter leaves a just-enqueued drainer task to start before draining itself.
-constexpr std::uint64_t drainer_start_grace_ns = 200'000;
+// How long a waiter leaves a just-enqueued drainer task to start before draining itself. A
+// waiter that took the drain role at once would run the closures on the producer's thread
+// whenever a worker is a few microseconds late (measured: 40% of them with a bound equal to the
+// step size); one that waits long makes a machine without a free worker crawl.
+constexpr std::uint64_t drainer_start_grace_ns = 50'000;
+// How long a drainer stays after the queue empties, watching for the next batch. A training
+// loop's steps come every few to few hundred microseconds; a drainer that leaves at once makes
+// every step enqueue a task and wake a worker (2-9 us, often far more on a virtual machine).
+// It yields while it waits, and leaves at once when another drainer task is waiting for a
+// worker, so it never holds the worker another device needs.
+constexpr std::uint64_t linger_ns = 100'000;
+// How long a producer short of room spins (yielding) before it sleeps: room usually appears
+// within microseconds, and sleeping costs a wake-up.
+constexpr std::uint64_t room_spin_ns = 20'000;
+
+// Drainer tasks enqueued and not yet started, across every queue of the process (they share
+// oneTBB's workers).
+std::atomic<int> waiting_drainer_tasks{0};
 }  // namespace
 
 async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
@@ -26,6 +42,28 @@ async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_poo
       capacity_(capacity),
       ring_(initial_ring_slots) {}
 
+async_queue::~async_queue() = default;
+
+std::uint64_t async_queue::pending() const noexcept {
+  const std::uint64_t started = started_.load(std::memory_order_acquire);
+  const std::uint64_t reserved = reserved_.load(std::memory_order_acquire);
+  std::uint64_t admitted = capacity_ == 0 ? reserved : std::min(reserved, started + capacity_);
+  admitted = std::max(admitted, forced_.load(std::memory_order_acquire));
+  return admitted > started ? admitted - started : 0;
+}
+
+bool async_queue::admitted(std::uint64_t ticket) const noexcept {
+  return capacity_ == 0 || started_.load(std::memory_order_acquire) + capacity_ >= ticket ||
+         forced_.load(std::memory_order_acquire) >= ticket;
+}
+
+void async_queue::note_high_water() noexcept {
+  const std::uint64_t now = pending();
+  if (now > high_water_.load(std::memory_order_relaxed)) {
+    high_water_.store(now, std::memory_order_relaxed);
+  }
+}
+
 void async_queue::trace_depth_locked() noexcept {
   if (observer_.trace != nullptr) {
     observer_.trace->counter(observer_.track, observer_.depth_counter, pending(),
@@ -33,56 +71,42 @@ void async_queue::trace_depth_locked() noexcept {
   }
 }
 
-async_queue::~async_queue() = default;
-
 std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
   const std::size_t n = batch.size();
   lock_type lock(mutex_);
   last_step_ = std::max(last_step_, step);
-  if (n == 0 || failed_) {
+  if (n == 0 || failure_) {
     if (n != 0) {
       // Handed over behind a failure that is not reported yet: discarded with it.
       discarded_since_failure_ += n;
       discarded_count_.fetch_add(n);
     }
-    const std::uint64_t ticket = reserved_seq_;
+    const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed);
     publish_progress_locked();
     lock.unlock();
     pool_.release(std::move(batch));  // destroys the closures outside the lock
     return ticket;
   }
-  if (capacity_ == 0 || n <= capacity_) {
-    push_ring_locked(std::move(batch), step);
-  } else {
-    // Larger than the whole queue: split into entries that each fit once the queue is empty.
-    for (std::size_t offset = 0; offset < n; offset += capacity_) {
-      closure_batch piece = pool_.acquire();
-      const std::size_t end = std::min(n, offset + capacity_);
-      piece.reserve(end - offset);
-      for (std::size_t i = offset; i < end; ++i) piece.push_back(std::move(batch[i]));
-      push_ring_locked(std::move(piece), step);
-    }
-    pool_.release(std::move(batch));  // only moved-from closures are left in it
-  }
-  reserved_seq_ += n;
-  handed_over_.fetch_add(n);
-  const std::uint64_t ticket = reserved_seq_;
-  admit_locked(false);
+  push_ring_locked(std::move(batch), step);
+  const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed) + n;
+  reserved_.store(ticket, std::memory_order_release);
+  changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  note_high_water();
+  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
   return ticket;
 }
 
-void async_queue::wait_admitted(std::uint64_t ticket) {
-  lock_type lock(mutex_);
-  if (admitted_seq_ >= ticket) return;
+void async_queue::wait_admitted_slow(std::uint64_t ticket) {
   // Inside an asynchronous closure this thread may be the very drainer that would make room,
-  // or one of a cycle of them, so it never waits there: it admits what is ahead of it and its
-  // own batch at once.
-  if (capacity_ == 0 || async_frame::active()) {
-    while (admitted_seq_ < ticket) admit_locked(true);
+  // or one of a cycle of them, so it never waits there: it admits its batch at once.
+  if (async_frame::active()) {
+    lock_type lock(mutex_);
+    if (forced_.load(std::memory_order_relaxed) < ticket) {
+      forced_.store(ticket, std::memory_order_release);
+    }
+    note_high_water();
     return;
   }
-  // Room made between the drainer's chunk boundaries (a closure started) is not announced, so
-  // the wait re-checks every millisecond and admits what fits itself.
   const std::uint64_t began = trace_recorder::now_ns();
   struct account_blocked {
     closure_observer& observer;
@@ -91,13 +115,15 @@ void async_queue::wait_admitted(std::uint64_t ticket) {
       observer.blocked_ns.fetch_add(trace_recorder::now_ns() - began, std::memory_order_relaxed);
     }
   } account{observer_, began};
-  wait_until(
-      lock,
-      [&] {
-        admit_locked(false);
-        return admitted_seq_ >= ticket;
-      },
-      nullptr, true);
+  // Room usually appears within microseconds, when a drainer is at work: spin for it first.
+  while (trace_recorder::now_ns() - began < room_spin_ns) {
+    if (admitted(ticket)) return;
+    std::this_thread::yield();
+  }
+  lock_type lock(mutex_);
+  // Room made between the drainer's progress reports (a closure started) is not announced, so
+  // the wait re-checks every millisecond.
+  wait_until(lock, [&] { return admitted(ticket); }, nullptr, true);
 }
 
 void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
@@ -113,35 +139,10 @@ void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
   slot.items = std::move(batch);
   slot.step = step;
   ++ring_size_;
-  has_unadmitted_.store(true);
-}
-
-void async_queue::admit_locked(bool force) noexcept {
-  bool admitted = false;
-  while (admitted_batches_ < ring_size_) {
-    const std::size_t n = ring_[(ring_head_ + admitted_batches_) % ring_.size()].items.size();
-    // Dekker with finished(): has_unadmitted_ is set before the counts are read here, and the
-    // drainer raises finished_ before it reads has_unadmitted_, so one of the two admits; room
-    // made between those chunk boundaries is found by waiters re-checking (see wait_admitted).
-    if (!force && capacity_ != 0 && pending() + n > capacity_) break;
-    admitted_.store(admitted_.load() + n);
-    const std::uint64_t pending = this->pending();
-    if (pending > high_water_.load(std::memory_order_relaxed)) {
-      high_water_.store(pending, std::memory_order_relaxed);
-    }
-    admitted_seq_ += n;
-    ++admitted_batches_;
-    admitted = true;
-    if (force) break;  // one at a time: the caller loops up to its ticket
-  }
-  has_unadmitted_.store(admitted_batches_ < ring_size_);
-  if (!admitted) return;
-  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
-  if (waiters_.load() > 0) progress_.notify_all();
 }
 
 bool async_queue::runnable_locked() const noexcept {
-  return admitted_batches_ != 0 && ring_[ring_head_].step <= gate_;
+  return ring_size_ != 0 && ring_[ring_head_].step <= gate_;
 }
 
 void async_queue::publish_progress_locked() noexcept {
@@ -157,6 +158,7 @@ void async_queue::publish_progress_locked() noexcept {
 void async_queue::set_gate(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
   gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
+  changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
 }
@@ -172,28 +174,48 @@ void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener)
 }
 
 bool async_queue::drainer_about_to_start_locked() const noexcept {
-  // A freshly enqueued drainer task usually starts within microseconds on a worker; a waiter
-  // that took the drain role at once would run every closure on the producer's thread instead
-  // (measured: 100% of them with a bound equal to the step size). So it leaves the task a grace
-  // period, and only then drains itself (a task that never starts: no free worker).
   return task_pending_ && trace_recorder::now_ns() - task_scheduled_ns_ < drainer_start_grace_ns;
 }
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
   task_scheduled_ns_ = trace_recorder::now_ns();
+  waiting_drainer_tasks.fetch_add(1, std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
   enqueue_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
 }
 
 void async_queue::run_drainer_task() noexcept {
+  waiting_drainer_tasks.fetch_sub(1, std::memory_order_relaxed);
   lock_type lock(mutex_);
   task_pending_ = false;
   // A waiting thread took the role meanwhile; it reschedules a task if it leaves work behind.
   if (draining_) return;
   draining_ = true;
-  drain_locked(lock, [] { return false; });
+  do {
+    drain_locked(lock, [] { return false; });
+  } while (linger(lock));
   release_drain_role_locked();
+}
+
+bool async_queue::linger(lock_type& lock) noexcept {
+  // Called with the lock held and nothing runnable; returns with it held, true when there is
+  // work again.
+  if (stop_lingering_) return false;
+  const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
+  lock.unlock();
+  const std::uint64_t began = trace_recorder::now_ns();
+  bool changed = false;
+  while (trace_recorder::now_ns() - began < linger_ns &&
+         waiting_drainer_tasks.load(std::memory_order_relaxed) == 0) {
+    if (changes_.load(std::memory_order_acquire) != seen) {
+      changed = true;
+      break;
+    }
+    std::this_thread::yield();
+  }
+  lock.lock();
+  return changed && runnable_locked() && !stop_lingering_;
 }
 
 template <class Stop>
@@ -208,7 +230,6 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
       running_step_ = front.step;
       ring_head_ = (ring_head_ + 1) % ring_.size();
       --ring_size_;
-      --admitted_batches_;
       const std::uint64_t step = running_step_;
       lock.unlock();
       run_batch(batch, step);
@@ -242,7 +263,7 @@ bool async_queue::wait_until(lock_type& lock, Done done,
     }
     // Dekker with finished(): the drainer updates the counters and then reads waiters_; this
     // thread raises waiters_ and then re-reads the counters, so one of the two sees the other.
-    // Also woken by admission, a raised gate and a released drain role.
+    // Also woken by a raised gate and a released drain role.
     waiters_.fetch_add(1);
     bool timed_out = false;
     if (!done() && (draining_ || !runnable_locked() || drainer_about_to_start_locked())) {
@@ -261,61 +282,67 @@ bool async_queue::wait_until(lock_type& lock, Done done,
 }
 
 void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {
-  const std::size_t n = batch.size();
-  std::size_t released = 0;
+  std::size_t index = 0;
+  std::size_t unreported = 0;  // ran, not yet counted in finished_
+  std::size_t discarded = 0;
+  bool failed = false;
+  std::vector<closure_batch> behind;
   observed_batch observed(observer_, closure_kind::async, step);
-  for (std::size_t i = 0; i < n; ++i) {
-    if (i - released == release_every) {
-      finished(release_every, 0);
-      released = i;
+  const std::size_t n = batch.size();
+  batch.consume([&](closure_ref c) noexcept {
+    ++index;
+    if (failed) return;  // behind a failure in this batch: destroyed unrun
+    if (unreported == release_every) {
+      finished(unreported, 0);
+      unreported = 0;
     }
     mark_started(1);
+    ++unreported;
     // The exception_ptr outlives the handler, so this thread's hold on the exception object is
     // only `error`, handed over under the queue's lock (the handler's own reference count lives
     // in uninstrumented libstdc++, invisible to ThreadSanitizer).
-    if (std::exception_ptr error = observed.run(batch[i])) {
+    if (std::exception_ptr error = observed.run(c)) {
       // Failure first: a flush that sees this closure finished must also see the failure.
-      record_failure(std::move(error), batch, i + 1, i + 1 - released);
-      return;
+      lock_type lock(mutex_);
+      discarded = record_failure_locked(std::move(error), behind, n - index);
+      failed = true;
     }
-    batch[i].reset();
-  }
-  finished(n - released, 0);
+  });
+  // Destructors of discarded closures are user code: they ran outside the lock (above), and so
+  // do those of the batches queued behind the failure.
+  for (closure_batch& b : behind) pool_.release(std::move(b));
+  finished(unreported, discarded);
 }
 
-void async_queue::record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next,
-                                 std::size_t ran_unreported) noexcept {
-  std::vector<closure_batch> behind;
-  std::size_t discarded = batch.size() - next;  // admitted: they count as pending
-  std::size_t unadmitted = 0;
-  {
-    lock_type lock(mutex_);
-    failure_ = std::move(error);
-    failed_ = true;
-    failed_count_.fetch_add(1);
+std::size_t async_queue::record_failure_locked(std::exception_ptr error,
+                                               std::vector<closure_batch>& behind,
+                                               std::size_t left_in_batch) noexcept {
+  failure_ = std::move(error);
+  failed_count_.fetch_add(1);
+  std::size_t discarded = left_in_batch;
+  try {
     behind.reserve(ring_size_);
-    for (std::size_t i = 0; ring_size_ != 0; ++i) {
-      const std::size_t n = ring_[ring_head_].items.size();
-      (i < admitted_batches_ ? discarded : unadmitted) += n;
-      behind.push_back(std::move(ring_[ring_head_].items));
-      ring_head_ = (ring_head_ + 1) % ring_.size();
-      --ring_size_;
-    }
-    admitted_batches_ = 0;
-    // Batches that were waiting for room are done too: their producers stop waiting.
-    admitted_seq_ = reserved_seq_;
-    has_unadmitted_.store(false);
-    discarded_since_failure_ += discarded + unadmitted;
-    discarded_count_.fetch_add(discarded + unadmitted);
-    finished_.fetch_add(unadmitted);
-    // The discarded admitted closures leave the pending count now, with the failure.
-    mark_started(discarded);
-    // Every step handed over so far is done, except the batch this drainer is still in.
+  } catch (...) {
+    // Out of memory: the batches are destroyed under the lock instead (below).
   }
-  // Destructors of discarded closures are user code: run them outside the lock.
-  detail::discard(batch, next);
-  for (closure_batch& b : behind) pool_.release(std::move(b));
-  finished(ran_unreported, discarded);
+  while (ring_size_ != 0) {
+    closure_batch& b = ring_[ring_head_].items;
+    discarded += b.size();
+    if (behind.size() < behind.capacity()) {
+      behind.push_back(std::move(b));
+    } else {
+      b.discard();
+    }
+    ring_head_ = (ring_head_ + 1) % ring_.size();
+    --ring_size_;
+  }
+  discarded_since_failure_ += discarded;
+  discarded_count_.fetch_add(discarded);
+  // Everything handed over so far is done: the discarded closures leave the pending count, and
+  // producers waiting for room stop waiting.
+  mark_started(reserved_.load(std::memory_order_relaxed) -
+               started_.load(std::memory_order_relaxed));
+  return discarded;
 }
 
 void async_queue::finished(std::size_t ran, std::size_t discarded) noexcept {
@@ -323,9 +350,8 @@ void async_queue::finished(std::size_t ran, std::size_t discarded) noexcept {
   if (n == 0) return;
   if (ran != 0) ran_count_.fetch_add(ran, std::memory_order_relaxed);
   finished_.fetch_add(n);
-  if (has_unadmitted_.load() || waiters_.load() > 0) {
+  if (waiters_.load() > 0) {
     lock_type lock(mutex_);
-    admit_locked(false);
     progress_.notify_all();
   }
 }
@@ -334,14 +360,14 @@ void async_queue::wait_for_handed_over() {
   lock_type lock(mutex_);
   // Also waits for the step-done notification, so that once this returns the step listener
   // (lockstep, joined closures) has seen every step handed over before the call.
-  const std::uint64_t target = handed_over_.load();
+  const std::uint64_t target = reserved_.load(std::memory_order_relaxed);
   const std::uint64_t step = last_step_;
   wait_until(lock, [&] { return finished_.load() >= target && done_step_ >= step; });
 }
 
 bool async_queue::wait_for_handed_over_until(std::chrono::steady_clock::time_point deadline) {
   lock_type lock(mutex_);
-  const std::uint64_t target = handed_over_.load();
+  const std::uint64_t target = reserved_.load(std::memory_order_relaxed);
   const std::uint64_t step = last_step_;
   return wait_until(
       lock, [&] { return finished_.load() >= target && done_step_ >= step; }, &deadline);
@@ -349,17 +375,16 @@ bool async_queue::wait_for_handed_over_until(std::chrono::steady_clock::time_poi
 
 std::optional<async_failure> async_queue::take_failure() {
   std::lock_guard lock(mutex_);
-  if (!failed_) return std::nullopt;
+  if (!failure_) return std::nullopt;
   async_failure f{std::move(failure_), discarded_since_failure_};
   failure_ = nullptr;
-  failed_ = false;
   discarded_since_failure_ = 0;
   return f;
 }
 
 async_queue_counts async_queue::counts() const noexcept {
   async_queue_counts c;
-  c.handed_over = handed_over_.load();
+  c.handed_over = reserved_.load();
   c.discarded = discarded_count_.load();
   c.ran = ran_count_.load(std::memory_order_relaxed);
   c.failed = failed_count_.load();
@@ -370,12 +395,18 @@ async_queue_counts async_queue::counts() const noexcept {
 
 void async_queue::wait_for_idle() noexcept {
   lock_type lock(mutex_);
-  // Everything reserved gets admitted as room appears (or discarded), so the ring empties.
-  wait_until(lock, [this] { return ring_size_ == 0 && !draining_; });
+  // Everything reserved runs or is discarded, so the ring empties; a lingering drainer counts
+  // as idle.
+  wait_until(lock, [this] { return ring_size_ == 0 && running_step_ == 0; });
 }
 
 void async_queue::shutdown() noexcept {
   wait_for_idle();
+  {
+    lock_type lock(mutex_);
+    stop_lingering_ = true;
+    changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
   // Tasks that were enqueued but found the work done still have to start and finish before the
   // queue's memory goes away.
   try {

@@ -3,7 +3,9 @@
 // time by a single drainer, with fail-stop error handling and flush tickets.
 //
 // Who drains: whoever holds the `draining_` role. Normally a oneTBB task enqueued into the
-// scheduler's arena; but a thread that must wait (a full queue, a flush) and finds nobody
+// scheduler's arena, which stays a little after the queue empties (it lingers, see
+// async_queue.cpp) so that a training loop's next step finds it still running instead of
+// enqueueing a task and waking a worker every step. A thread that must wait (a full queue, a flush) and finds nobody
 // draining takes the role and runs closures itself. That is what makes every wait deadlock-free
 // without depending on a free worker: with one TBB thread, from inside a parallel_pipeline
 // filter, or while all workers are busy. Exactly one holder at a time keeps the order FIFO.
@@ -49,7 +51,7 @@ struct async_queue_counts {
 
 class async_queue {
  public:
-  /// `capacity` 0 means unbounded. `pool` recycles batch buffers; both outlive the queue.
+  /// `capacity` 0 means unbounded. `pool` recycles batches; both outlive the queue.
   async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
               closure_observer& observer);
   /// Precondition: `shutdown()` was called.
@@ -58,20 +60,28 @@ class async_queue {
   async_queue& operator=(const async_queue&) = delete;
 
   /// Places `batch` in the FIFO behind everything reserved before, without blocking, and returns
-  /// a ticket for `wait_admitted`. Closures count as pending (against the capacity) only once
-  /// admitted; a batch is admitted as soon as room allows, always in FIFO order. Callers reserve
-  /// under their own lock so that the FIFO order is the order they took their batches in.
-  /// After a failure is recorded and until it is taken, reserves nothing: the closures are
-  /// discarded and counted with the failure.
+  /// a ticket for `wait_admitted`. Callers reserve under their own lock so that the FIFO order is
+  /// the order they took their batches in. After a failure is recorded and until it is taken,
+  /// reserves nothing: the closures are discarded and counted with the failure.
   /// `step` is the device's step number for this batch (non-decreasing across calls), also given
   /// for an empty batch so that step completion can be tracked.
+  ///
+  /// Admission: a closure counts as pending (against the capacity) from when it is admitted
+  /// until it starts. Closures are admitted one by one, in FIFO order, as room appears; the
+  /// drainer never waits for admission (the next closure to start always fits), so admission only
+  /// decides when `wait_admitted` returns. A batch larger than the capacity is handed over piece
+  /// by piece this way.
   std::uint64_t reserve(closure_batch&& batch, std::uint64_t step);
 
   /// Blocks until the closures reserved up to `ticket` are admitted (or discarded), running
   /// closures itself when nobody drains. Inside an asynchronous closure, or for an unbounded
   /// queue, it never blocks: it admits everything up to `ticket` at once, exceeding the capacity
   /// if need be.
-  void wait_admitted(std::uint64_t ticket);
+  void wait_admitted(std::uint64_t ticket) {
+    // Lock-free when there is room, which is the common case.
+    if (capacity_ == 0 || started_.load(std::memory_order_acquire) + capacity_ >= ticket) return;
+    wait_admitted_slow(ticket);
+  }
 
   /// Blocks until every closure handed over before the call ran or was discarded, running
   /// closures itself when nobody drains. Precondition: not inside an asynchronous closure.
@@ -113,15 +123,18 @@ class async_queue {
     std::uint64_t step = 0;
   };
 
+  void wait_admitted_slow(std::uint64_t ticket);
+  bool admitted(std::uint64_t ticket) const noexcept;
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
   bool runnable_locked() const noexcept;
   bool drainer_about_to_start_locked() const noexcept;
   void publish_progress_locked() noexcept;
-  void admit_locked(bool force) noexcept;
+  void note_high_water() noexcept;
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;
   template <class Stop>
   void drain_locked(lock_type& lock, Stop stop) noexcept;
+  bool linger(lock_type& lock) noexcept;
   void release_drain_role_locked() noexcept;
   template <class Done>
   bool wait_until(lock_type& lock, Done done,
@@ -129,12 +142,12 @@ class async_queue {
                   bool recheck = false) noexcept;
   void run_batch(closure_batch& batch, std::uint64_t step) noexcept;
   void trace_depth_locked() noexcept;
-  void record_failure(std::exception_ptr error, closure_batch& batch, std::size_t next,
-                      std::size_t ran_unreported) noexcept;
+  std::size_t record_failure_locked(std::exception_ptr error, std::vector<closure_batch>& behind,
+                                    std::size_t left_in_batch) noexcept;
   void finished(std::size_t ran, std::size_t discarded) noexcept;
-  std::uint64_t pending() const noexcept { return admitted_.load() - started_.load(); }
+  std::uint64_t pending() const noexcept;
   void mark_started(std::uint64_t n) noexcept {
-    started_.store(started_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    started_.store(started_.load(std::memory_order_relaxed) + n, std::memory_order_release);
   }
   void notify_waiters() noexcept;
 
@@ -149,15 +162,10 @@ class async_queue {
   mutable std::mutex mutex_;
   std::condition_variable progress_;  // room, finished closures, or the drain role freed
   // Guarded by mutex_:
-  // FIFO of batches, a ring so steady state never allocates. The first `admitted_batches_` are
-  // admitted (counted as pending, runnable); the rest wait for room. Each entry is at most
-  // `capacity_` closures long, so an entry always fits once the queue is empty.
+  // FIFO of batches, a ring so steady state never allocates.
   std::vector<queued_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
-  std::size_t admitted_batches_ = 0;
-  std::uint64_t reserved_seq_ = 0;  // closures ever reserved
-  std::uint64_t admitted_seq_ = 0;  // closures ever admitted or discarded before admission
   std::uint64_t gate_ = no_gate;    // largest step whose closures may start
   std::uint64_t last_step_ = 0;     // step of the latest reserve
   std::uint64_t running_step_ = 0;  // step of the batch being run, 0 when none
@@ -165,20 +173,21 @@ class async_queue {
   std::function<void(std::uint64_t)> step_listener_;
   bool draining_ = false;                // someone holds the right to run closures
   bool task_pending_ = false;            // a drainer task is enqueued and has not started
+  bool stop_lingering_ = false;          // shutdown: a lingering drainer leaves at once
   std::uint64_t task_scheduled_ns_ = 0;  // when it was enqueued
-  std::exception_ptr failure_;
-  bool failed_ = false;  // fail-stop: from the failure until it is taken
+  std::exception_ptr failure_;           // fail-stop: set from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
 
-  // Atomics: read without the lock by waiters and counters.
-  // Pending = admitted - started. `started_` has one writer at a time, the holder of the drain
-  // role, which stores it before each closure starts (a plain store, no read-modify-write), so a
-  // closure that is running, or blocked, no longer takes room.
-  alignas(64) std::atomic<std::uint64_t> admitted_{0};  // written under mutex_
-  std::atomic<std::uint64_t> started_{0};               // ran, running or discarded after admission
-  std::atomic<std::uint64_t> handed_over_{0};           // reserved closures (flush tickets)
-  std::atomic<bool> has_unadmitted_{false};             // some reserved batch waits for room
-  std::atomic<std::uint64_t> finished_{0};              // ran or discarded
+  // Atomics: read without the lock by waiters, the lingering drainer and counters.
+  // Closures are numbered in reserve order. Admitted = max(forced_, min(reserved_, started_ +
+  // capacity)); pending = admitted - started_. `started_` has one writer at a time, the holder of
+  // the drain role, which stores it before each closure starts (a plain store, no
+  // read-modify-write), so a closure that is running, or blocked, no longer takes room.
+  alignas(64) std::atomic<std::uint64_t> started_{0};  // ran, running or discarded
+  alignas(64) std::atomic<std::uint64_t> reserved_{0};  // written under mutex_ (flush tickets)
+  std::atomic<std::uint64_t> forced_{0};    // admitted beyond the capacity, written under mutex_
+  std::atomic<std::uint64_t> changes_{0};   // bumped by every reserve and gate change
+  std::atomic<std::uint64_t> finished_{0};  // ran or discarded
   std::atomic<std::uint64_t> ran_count_{0};
   std::atomic<std::uint64_t> failed_count_{0};
   std::atomic<std::uint64_t> discarded_count_{0};

@@ -1,8 +1,15 @@
 #pragma once
-// A batch of closures (one step's, of one kind) and a pool that recycles their buffers, so that
+// A batch of closures (one step's, of one kind) and a pool that recycles batches, so that
 // steady-state steps allocate nothing.
+//
+// A batch does not own copies of its closures: it points at the records the owner thread built
+// in the lane's chunks (pending_closures.hpp), segment by segment, plus the few closures other
+// threads added, which it holds itself. Running a batch calls each record where it lies and then
+// destroys it; the lane gets a chunk back once every record in it is done.
 
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -11,13 +18,141 @@
 
 namespace stepflow::detail {
 
-using closure_batch = std::vector<closure>;
+class pending_closures;
 
-/// Destroys every closure of `batch` from `first` on without running it; returns how many.
-inline std::size_t discard(closure_batch& batch, std::size_t first = 0) noexcept {
-  const std::size_t n = batch.size() > first ? batch.size() - first : 0;
-  for (std::size_t i = first; i < batch.size(); ++i) batch[i].reset();
-  return n;
+/// A piece of a lane: records laid end to end, each a `closure_ops*` then the callable's storage
+/// (`closure_ops::record_size` bytes in all). A null table address marks the end of the records
+/// in a chunk the owner has left; so does too little room for one.
+struct lane_chunk {
+  static constexpr std::size_t record_bytes = 8192 - 64;  // an 8 KiB allocation in all
+
+  lane_chunk* next = nullptr;        // written by the owner before it publishes a record there
+  std::uint32_t sealed_records = 0;  // records in this chunk, written with `next`
+  // Records run or discarded, plus a bias added by the step end once it has taken the last
+  // record (see pending_closures::take_owned_upto): reaching `all_done` recycles the chunk.
+  std::atomic<std::uint32_t> done{0};
+  static constexpr std::uint32_t all_done = std::uint32_t{1} << 31;
+  alignas(64) unsigned char records[record_bytes];
+};
+
+/// A step's closures of one kind, in order. Move-only; destroying a batch discards (destroys
+/// without running) what it still holds.
+class closure_batch {
+ public:
+  closure_batch() = default;
+  closure_batch(closure_batch&&) noexcept = default;
+  closure_batch& operator=(closure_batch&& other) noexcept {
+    if (this != &other) {
+      discard();
+      segments_ = std::move(other.segments_);
+      held_ = std::move(other.held_);
+      size_ = std::exchange(other.size_, 0);
+      other.segments_.clear();
+      other.held_.clear();
+    }
+    return *this;
+  }
+  ~closure_batch() { discard(); }
+
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+
+  /// Appends `count` records of `lane` starting at byte `offset` of `chunk`.
+  void add_records(pending_closures* lane, lane_chunk* chunk, std::uint32_t offset,
+                   std::uint32_t count) {
+    segments_.push_back(segment{lane, chunk, offset, count});
+    size_ += count;
+  }
+
+  /// Appends `c` (moved from), held by the batch itself.
+  void add(closure&& c) {
+    if (!segments_.empty() && segments_.back().lane == nullptr) {
+      ++segments_.back().count;
+    } else {
+      segments_.push_back(
+          segment{nullptr, nullptr, static_cast<std::uint32_t>(held_.size()), 1});
+    }
+    held_.push_back(std::move(c));
+    ++size_;
+  }
+
+  /// Calls `visit(closure_ref)` for every closure in order, destroying each right after its
+  /// visit, and leaves the batch empty (keeping its buffers). `visit` must not throw.
+  template <class Visit>
+  void consume(Visit&& visit) noexcept;
+
+  /// Destroys every closure without running it; returns how many there were.
+  std::size_t discard() noexcept {
+    const std::size_t n = size_;
+    if (n != 0) consume([](closure_ref) noexcept {});
+    return n;
+  }
+
+ private:
+  struct segment {
+    pending_closures* lane;  // null: `count` closures of `held_` from index `offset`
+    lane_chunk* chunk;
+    std::uint32_t offset;
+    std::uint32_t count;
+  };
+
+  template <class Visit>
+  static void consume_records(const segment& s, Visit& visit) noexcept;
+
+  std::vector<segment> segments_;
+  std::vector<closure> held_;
+  std::size_t size_ = 0;
+};
+
+/// Tells `lane` that `records` records of `chunk` are done (pending_closures.cpp).
+void records_done(pending_closures* lane, lane_chunk* chunk, std::uint32_t records) noexcept;
+
+template <class Visit>
+void closure_batch::consume(Visit&& visit) noexcept {
+  for (const segment& s : segments_) {
+    if (s.lane != nullptr) {
+      consume_records(s, visit);
+      continue;
+    }
+    for (std::uint32_t i = s.offset; i < s.offset + s.count; ++i) {
+      closure& c = held_[i];
+      visit(closure_access::ref(c));
+      c.reset();
+    }
+  }
+  segments_.clear();
+  held_.clear();
+  size_ = 0;
+}
+
+template <class Visit>
+void closure_batch::consume_records(const segment& s, Visit& visit) noexcept {
+  lane_chunk* chunk = s.chunk;
+  std::size_t offset = s.offset;
+  std::uint32_t in_chunk = 0;
+  for (std::uint32_t left = s.count; left != 0;) {
+    const closure_ops* ops = nullptr;
+    if (offset + sizeof ops <= lane_chunk::record_bytes) {
+      std::memcpy(&ops, chunk->records + offset, sizeof ops);
+    }
+    if (ops == nullptr) {
+      // The owner went on to the next chunk here. Read `next` before giving records back: the
+      // last give-back may recycle the chunk.
+      lane_chunk* next = chunk->next;
+      if (in_chunk != 0) records_done(s.lane, chunk, in_chunk);
+      chunk = next;
+      offset = 0;
+      in_chunk = 0;
+      continue;
+    }
+    const closure_ref ref{ops, chunk->records + offset + sizeof ops};
+    visit(ref);
+    ref.destroy();
+    offset += ops->record_size;
+    ++in_chunk;
+    --left;
+  }
+  if (in_chunk != 0) records_done(s.lane, chunk, in_chunk);
 }
 
 /// Empty batches with capacity. Thread-safe; a lock per batch, never per closure.
@@ -33,18 +168,15 @@ class batch_pool {
     return b;
   }
 
-  /// Destroys what is left in `b`, then keeps its buffer unless the pool is full.
+  /// Destroys what is left in `b`, then keeps it unless the pool is full.
   void release(closure_batch&& b) noexcept {
-    b.clear();
-    if (b.capacity() == 0) return;
+    b.discard();
     std::lock_guard lock(mutex_);
     if (spare_.size() < max_spare) spare_.push_back(std::move(b));
   }
 
  private:
-  // Enough for a step's sync and async batches plus the pieces of a step larger than the queue
-  // bound in flight (B7: 8 were too few at 1,000 closures per step with a bound of 100); more
-  // would only pin memory after a burst.
+  // Enough for the batches of every step in flight; more would only pin memory after a burst.
   static constexpr std::size_t max_spare = 32;
   std::mutex mutex_;
   std::vector<closure_batch> spare_;

@@ -50,7 +50,8 @@ class observed_batch {
 
   /// Calls `c`; returns what it threw (any type), or null. The exception_ptr is made inside the
   /// handler but outlives it, so the caller records the failure after the handler ended.
-  std::exception_ptr run(closure& c) noexcept {
+  std::exception_ptr run(closure& c) noexcept { return run(closure_access::ref(c)); }
+  std::exception_ptr run(closure_ref c) noexcept {
     const bool sampled = ran_++ % run_time_sample_every == 0;
     if (!sampled && observer_.trace == nullptr) return call(c);
     const std::uint64_t begin = trace_recorder::now_ns();
@@ -64,7 +65,7 @@ class observed_batch {
   }
 
  private:
-  static std::exception_ptr call(closure& c) noexcept {
+  static std::exception_ptr call(closure_ref c) noexcept {
     try {
       c();
     } catch (...) {  // any exception, not only std::exception (H6)

@@ -10,10 +10,7 @@ namespace stepflow {
 
 std::string_view device_context::name() const noexcept { return state_->name(); }
 
-void device_context::push(closure&& c, bool async) {
-  detail::check_alive(this, "add_step_closure");
-  state_->push(std::move(c), async);
-}
+void device_context::check_alive_for_add() const { detail::check_alive(this, "add_step_closure"); }
 
 void device_context::run_step_closures() {
   detail::check_alive(this, "run_step_closures");

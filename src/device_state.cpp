@@ -16,7 +16,7 @@ namespace stepflow::detail {
 
 device_state::device_state(stepflow::scheduler& owner, std::string name, const options& opts,
                            tbb::task_arena& arena, step_graph& graph, trace_recorder* trace)
-    : context_(*this),
+    : context_(*this, sync_pending_, async_pending_),
       owner_(owner),
       name_(std::move(name)),
       sync_mode_(opts.sync_mode),
@@ -31,10 +31,6 @@ device_state::device_state(stepflow::scheduler& owner, std::string name, const o
 }
 
 device_state::~device_state() { mark_dead(&context_); }
-
-void device_state::push(closure&& c, bool async) {
-  (async ? async_pending_ : sync_pending_).push(std::move(c));
-}
 
 void device_state::report_async_failure() {
   if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
@@ -90,22 +86,26 @@ void device_state::run_step_closures() {
 }
 
 void device_state::run_inline(closure_batch& first, closure_batch* second, std::uint64_t step) {
+  if (first.empty() && (second == nullptr || second->empty())) {
+    // Nothing to run: skip the task group, whose run_and_wait is most of an empty step end.
+    pool_.release(std::move(first));
+    if (second != nullptr) pool_.release(std::move(*second));
+    return;
+  }
   std::exception_ptr failure;
   std::uint64_t ran = 0;
   std::uint64_t dropped = 0;
   // In sync mode `first` holds the step's async closures, traced as such.
   auto run_all = [&](closure_batch& batch, closure_kind kind) {
     observed_batch observed(observer_, kind, step);
-    for (closure& c : batch) {
+    batch.consume([&](closure_ref c) noexcept {
       if (failure) {
-        c.reset();
         ++dropped;
-        continue;
+        return;
       }
       ++ran;
       failure = observed.run(c);
-      c.reset();
-    }
+    });
   };
   const auto body = [&] {
     sync_frame frame(this);
@@ -127,7 +127,7 @@ void device_state::run_inline(closure_batch& first, closure_batch* second, std::
     tbb::this_task_arena::isolate([&] { group.run_and_wait(body); });
   }
   sync_ran_.fetch_add(ran, std::memory_order_relaxed);
-  sync_dropped_.fetch_add(dropped, std::memory_order_relaxed);
+  if (dropped != 0) sync_dropped_.fetch_add(dropped, std::memory_order_relaxed);
   pool_.release(std::move(first));
   if (second != nullptr) pool_.release(std::move(*second));
   if (failure) {
@@ -205,7 +205,7 @@ device_shutdown_report device_state::finish_shutdown() noexcept {
     sync_pending_.take(never_run);
     async_pending_.take(never_run);
   }
-  report.never_run = never_run.size();
+  report.never_run = never_run.discard();
   return report;
 }
 

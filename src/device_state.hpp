@@ -41,7 +41,6 @@ class device_state {
   const std::string& name() const noexcept { return name_; }
   stepflow::scheduler& owner() const noexcept { return owner_; }
 
-  void push(closure&& c, bool async);
   void run_step_closures();
   void flush();
   /// `flush` with a deadline: false (and nothing reported) when it passed first.

@@ -1,70 +1,101 @@
 #include "pending_closures.hpp"
 
 #include <cassert>
-
-#include "thread_frames.hpp"
+#include <limits>
 
 namespace stepflow::detail {
 
-struct pending_closures::chunk {
-  // 64 closures of 64 bytes: one 4 KiB page per chunk.
-  static constexpr std::size_t capacity = 64;
-  closure slots[capacity];
-  chunk* next = nullptr;  // written by the owner before it publishes a slot of the next chunk
-};
-
 namespace {
-// Spare chunks kept per lane (64 closures each): a step of up to 2,000 closures reuses them
-// without allocating (B7 found 8 too few at 1,000 per step); at most 128 KiB per lane.
-constexpr std::size_t max_spare_chunks = 32;
+// Spare chunks kept per lane (8 KiB each): a step of up to ~1,000 closures of 48 bytes reuses
+// them without allocating; at most 128 KiB per lane.
+constexpr std::size_t max_spare_chunks = 16;
+
+constexpr std::uint64_t offset_mask = (std::uint64_t{1} << 14) - 1;
+constexpr std::uint64_t sequence_mask = (std::uint64_t{1} << 20) - 1;
+constexpr std::uint32_t count_mask = (std::uint32_t{1} << 30) - 1;
+
+std::uint32_t offset_of(std::uint64_t word) noexcept {
+  return static_cast<std::uint32_t>(word & offset_mask);
+}
+std::uint32_t sequence_of(std::uint64_t word) noexcept {
+  return static_cast<std::uint32_t>((word >> 14) & sequence_mask);
+}
+std::uint32_t count_of(std::uint64_t word) noexcept {
+  return static_cast<std::uint32_t>(word >> 34);
+}
+static_assert(lane_chunk::record_bytes < (std::size_t{1} << 14), "offsets must fit 14 bits");
 }  // namespace
 
-pending_closures::pending_closures() : tail_(new chunk), head_(tail_) {
+void closure_lane_tail::push(closure&& c) {
+  static_cast<pending_closures*>(this)->push_any(std::move(c));
+}
+
+pending_closures::pending_closures() : tail_chunk_(new lane_chunk), head_(tail_chunk_) {
+  static_assert(count_shift == 34);
+  // The first chunk is empty and the owner not yet known: the first add takes the slow path,
+  // which claims the lane; from then on `tail_` points into this chunk.
+  tail_ = tail_chunk_->records;
+  end_ = tail_;
   spare_chunks_.reserve(max_spare_chunks);
 }
 
 pending_closures::~pending_closures() {
-  for (chunk* c = head_; c != nullptr;) {
-    chunk* next = c->next;
+  // Precondition: every batch taken from this lane was consumed (the device drains first), and
+  // everything added since was taken and discarded (device_state::finish_shutdown).
+  for (lane_chunk* c = head_; c != nullptr;) {
+    lane_chunk* next = c->next;
     delete c;
     c = next;
   }
-  for (chunk* c : spare_chunks_) delete c;
+  for (lane_chunk* c : spare_chunks_) delete c;
 }
 
-void pending_closures::push(closure&& c) {
+void pending_closures::push_any(closure&& c) {
   const std::uint64_t me = this_thread_id();
   std::uint64_t owner = owner_.load(std::memory_order_relaxed);
-  if (owner == me) {
+  if (owner == me ||
+      (owner == 0 && owner_.compare_exchange_strong(owner, me, std::memory_order_relaxed))) {
     push_owned(std::move(c));
     return;
   }
-  if (owner == 0 && owner_.compare_exchange_strong(owner, me, std::memory_order_relaxed)) {
-    push_owned(std::move(c));
-    return;
-  }
-  push_shared(std::move(c));
+  std::lock_guard lock(shared_mutex_);
+  // Read under the lock: a step end reads the owner's word after taking this lock, so every
+  // tag it sees is at most that word (no shared closure overtakes an owner closure that was
+  // added before it).
+  shared_.push_back(tagged{std::move(c), published_.load(std::memory_order_acquire)});
+  ++shared_pushed_;
 }
 
 void pending_closures::push_owned(closure&& c) {
-  if (tail_index_ == chunk::capacity) {
-    chunk* next = new_chunk();
-    tail_->next = next;
-    tail_ = next;
-    tail_index_ = 0;
-  }
-  tail_->slots[tail_index_++] = std::move(c);
-  owner_published_.store(++owner_pushed_, std::memory_order_release);
+  const std::size_t size = closure_access::ref(c).ops->record_size;
+  if (static_cast<std::size_t>(end_ - tail_) < size) start_chunk(size);
+  closure_access::move_to_record(c, tail_);
+  tail_ += size;
+  word_ += count_one + size;
+  published_.store(word_, std::memory_order_release);
 }
 
-void pending_closures::push_shared(closure&& c) {
-  std::lock_guard lock(shared_mutex_);
-  // Read under the lock: a step end reads the owner's count after taking this lock, so every
-  // tag it sees is at most that count (no shared closure overtakes an owner closure that was
-  // added before it).
-  const std::uint64_t position = owner_published_.load(std::memory_order_acquire);
-  shared_.push_back(tagged{std::move(c), position});
-  ++shared_pushed_;
+void pending_closures::start_chunk(std::size_t room) {
+  if (end_ == tail_chunk_->records) {
+    // Only the very first chunk is still unused: the lane has just been claimed.
+    end_ = tail_chunk_->records + lane_chunk::record_bytes;
+    if (static_cast<std::size_t>(end_ - tail_) >= room) return;
+  }
+  lane_chunk* next = new_chunk();
+  if (static_cast<std::size_t>(end_ - tail_) >= sizeof(closure_ops*)) {
+    const closure_ops* none = nullptr;
+    std::memcpy(tail_, &none, sizeof none);
+  }
+  const std::uint32_t records_before = static_cast<std::uint32_t>(count_of(word_));
+  tail_chunk_->sealed_records = static_cast<std::uint32_t>(
+      (records_before - count_of(tail_chunk_word_)) & count_mask);
+  tail_chunk_->next = next;  // published with the next record's word
+  tail_chunk_ = next;
+  tail_ = next->records;
+  end_ = next->records + lane_chunk::record_bytes;
+  word_ = (word_ & ~((std::uint64_t{1} << count_shift) - 1)) |
+          (((sequence_of(word_) + 1) & sequence_mask) << 14);
+  tail_chunk_word_ = word_;
 }
 
 void pending_closures::take(closure_batch& out) {
@@ -72,30 +103,53 @@ void pending_closures::take(closure_batch& out) {
   {
     std::lock_guard lock(shared_mutex_);
     shared_.swap(shared_spare_);
-    owner_end = owner_published_.load(std::memory_order_acquire);
+    owner_end = published_.load(std::memory_order_acquire);
   }
-  out.reserve(out.size() + shared_spare_.size() + (owner_end - owner_taken_));
   for (tagged& t : shared_spare_) {
-    assert(t.owner_position <= owner_end);
-    take_owned_upto(t.owner_position, out);
-    out.push_back(std::move(t.c));
+    take_owned_upto(t.owner_word, out);
+    out.add(std::move(t.c));
   }
   shared_spare_.clear();
   take_owned_upto(owner_end, out);
 }
 
-void pending_closures::take_owned_upto(std::uint64_t end, closure_batch& out) {
-  while (owner_taken_ < end) {
-    if (head_index_ == chunk::capacity) {
-      // The owner has published a slot past this chunk, so it has moved on to `next` for good.
-      chunk* done = head_;
-      head_ = done->next;
-      head_index_ = 0;
-      recycle(done);
-    }
-    out.push_back(std::move(head_->slots[head_index_++]));
-    ++owner_taken_;
+void pending_closures::take_owned_upto(std::uint64_t word, closure_batch& out) {
+  const std::uint64_t taken = owner_taken_.load(std::memory_order_relaxed);
+  const std::uint32_t n = (count_of(word) - static_cast<std::uint32_t>(taken)) & count_mask;
+  if (n == 0) return;
+  const std::uint32_t sequence = sequence_of(word);
+  // A chunk the owner has left (it published a record past it) has a final `sealed_records`.
+  // Once the step end has taken all of them it passes the chunk, adding the bias that lets the
+  // last record done recycle it. Never start a segment in a passed chunk.
+  auto pass_head = [&] {
+    lane_chunk* left = head_;
+    head_ = left->next;
+    head_sequence_ = (head_sequence_ + 1) & sequence_mask;
+    head_offset_ = 0;
+    head_taken_ = 0;
+    records_done(left, lane_chunk::all_done - left->sealed_records);
+  };
+  while (head_sequence_ != sequence && head_taken_ == head_->sealed_records) pass_head();
+  out.add_records(this, head_, head_offset_, n);
+  std::uint32_t rest = n;
+  while (head_sequence_ != sequence) {
+    rest -= head_->sealed_records - head_taken_;
+    pass_head();
   }
+  head_offset_ = offset_of(word);
+  head_taken_ += rest;
+  owner_taken_.store(taken + n, std::memory_order_release);
+}
+
+void pending_closures::records_done(lane_chunk* chunk, std::uint32_t records) noexcept {
+  if (chunk->done.fetch_add(records, std::memory_order_acq_rel) + records ==
+      lane_chunk::all_done) {
+    recycle(chunk);
+  }
+}
+
+void records_done(pending_closures* lane, lane_chunk* chunk, std::uint32_t records) noexcept {
+  lane->records_done(chunk, records);
 }
 
 std::uint64_t pending_closures::pushed() const noexcept {
@@ -104,23 +158,28 @@ std::uint64_t pending_closures::pushed() const noexcept {
     std::lock_guard lock(shared_mutex_);
     shared = shared_pushed_;
   }
-  return owner_published_.load(std::memory_order_acquire) + shared;
+  // Taken first: the owner's word read afterwards counts at least as many records.
+  const std::uint64_t taken = owner_taken_.load(std::memory_order_acquire);
+  const std::uint32_t count = count_of(published_.load(std::memory_order_acquire));
+  return taken + ((count - static_cast<std::uint32_t>(taken)) & count_mask) + shared;
 }
 
-pending_closures::chunk* pending_closures::new_chunk() {
+lane_chunk* pending_closures::new_chunk() {
   {
     std::lock_guard lock(spare_mutex_);
     if (!spare_chunks_.empty()) {
-      chunk* c = spare_chunks_.back();
+      lane_chunk* c = spare_chunks_.back();
       spare_chunks_.pop_back();
       return c;
     }
   }
-  return new chunk;
+  return new lane_chunk;
 }
 
-void pending_closures::recycle(chunk* c) noexcept {
+void pending_closures::recycle(lane_chunk* c) noexcept {
   c->next = nullptr;
+  c->sealed_records = 0;
+  c->done.store(0, std::memory_order_relaxed);
   {
     std::lock_guard lock(spare_mutex_);
     if (spare_chunks_.size() < max_spare_chunks) {

@@ -1,13 +1,13 @@
 #pragma once
 // The closures of one kind (sync or async) added to one device and not yet taken by a step end.
 //
-// Why two lanes: an atomic read-modify-write costs about 8 ns on this project's machines, as much
-// as all the rest of adding a closure. Nearly always one thread adds a device's closures and ends
-// its steps, so the first thread that adds becomes the lane's *owner* and appends to a
-// single-producer chunked queue with plain stores and one release store. Any other thread
-// appends to a mutex-protected list, tagging each closure with how many owner closures preceded
-// it; the step end merges the two by that tag, so closures whose adds are ordered by
-// happens-before (on any threads) run in that order.
+// The owner thread builds records in place in a chain of chunks (closure_lane_tail, in
+// include/stepflow/detail/closure_lane.hpp). Any other thread appends to a mutex-protected list,
+// tagging each closure with the owner's published word at the time; the step end merges the two
+// by that tag, so closures whose adds are ordered by happens-before (on any threads) run in that
+// order. The step end does not copy the owner's records: its batch points at them in their
+// chunks (closure_batch.hpp), and a chunk is recycled once every record in it was run or
+// discarded.
 
 #include <atomic>
 #include <cstddef>
@@ -16,51 +16,49 @@
 #include <vector>
 
 #include "closure_batch.hpp"
+#include "stepflow/detail/closure_lane.hpp"
 
 namespace stepflow::detail {
 
-class pending_closures {
+class pending_closures : public closure_lane_tail {
  public:
   pending_closures();
   ~pending_closures();
-  pending_closures(const pending_closures&) = delete;
-  pending_closures& operator=(const pending_closures&) = delete;
 
-  /// Appends `c`. Thread-safe; lock-free and RMW-free for the owner thread.
-  void push(closure&& c);
-
-  /// Moves every closure added before the call into `out`, in order. One caller at a time
-  /// (the device's take lock); concurrent pushes are fine.
+  /// Appends every closure added before the call to `out`, in order. One caller at a time
+  /// (the device's take lock); concurrent adds are fine.
   void take(closure_batch& out);
 
-  /// Closures ever pushed. Exact once pushes have stopped; a lower bound while they go on.
+  /// Closures ever added. Exact once adds have stopped; a lower bound while they go on.
   std::uint64_t pushed() const noexcept;
 
+  /// Called by a batch for `records` records of `chunk` that it ran or discarded.
+  void records_done(lane_chunk* chunk, std::uint32_t records) noexcept;
+
  private:
-  struct chunk;
+  friend class closure_lane_tail;
   struct tagged {
     closure c;
-    std::uint64_t owner_position;  // owner closures pushed before this one
+    std::uint64_t owner_word;  // the owner's published word when this one was added
   };
 
+  void push_any(closure&& c);
   void push_owned(closure&& c);
-  void push_shared(closure&& c);
-  void take_owned_upto(std::uint64_t end, closure_batch& out);
-  chunk* new_chunk();
-  void recycle(chunk* c) noexcept;
+  void start_chunk(std::size_t room);
+  void take_owned_upto(std::uint64_t word, closure_batch& out);
+  lane_chunk* new_chunk();
+  void recycle(lane_chunk* c) noexcept;
 
-  std::atomic<std::uint64_t> owner_{0};  // this_thread_id() of the owner, 0 until claimed
+  lane_chunk* tail_chunk_;           // owner-only
+  std::uint64_t tail_chunk_word_ = 0;  // owner-only: `word_` when `tail_chunk_` was started
 
-  // Owner (producer) side. Aligned so the consumer's fields do not share its cache line.
-  alignas(64) chunk* tail_;
-  std::size_t tail_index_ = 0;
-  std::uint64_t owner_pushed_ = 0;
-  std::atomic<std::uint64_t> owner_published_{0};  // release: slots below it are written
-
-  // Consumer side, touched only under the device's take lock.
-  alignas(64) chunk* head_;
-  std::size_t head_index_ = 0;
-  std::uint64_t owner_taken_ = 0;
+  // Step-end side, touched only under the device's take lock (`owner_taken_` is also read by
+  // `pushed`).
+  alignas(64) lane_chunk* head_;
+  std::uint32_t head_offset_ = 0;
+  std::uint32_t head_sequence_ = 0;
+  std::uint32_t head_taken_ = 0;  // records of `head_` taken so far
+  std::atomic<std::uint64_t> owner_taken_{0};
   std::vector<tagged> shared_spare_;
 
   // Other threads' closures.
@@ -68,9 +66,9 @@ class pending_closures {
   std::vector<tagged> shared_;       // guarded by shared_mutex_
   std::uint64_t shared_pushed_ = 0;  // guarded by shared_mutex_
 
-  // Chunks the consumer finished, for the owner to reuse.
+  // Chunks whose records all ran, for the owner to reuse.
   std::mutex spare_mutex_;
-  std::vector<chunk*> spare_chunks_;  // guarded by spare_mutex_
+  std::vector<lane_chunk*> spare_chunks_;  // guarded by spare_mutex_
 };
 
 }  // namespace stepflow::detail

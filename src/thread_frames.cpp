@@ -9,14 +9,11 @@ namespace {
 thread_local async_frame* innermost_async = nullptr;
 thread_local sync_frame* innermost_sync = nullptr;
 thread_local std::uint64_t joined_step = 0;
-std::atomic<std::uint64_t> next_thread_id{1};
+std::atomic<std::uint64_t> next_thread_id_value{1};
 }  // namespace
 
-std::uint64_t this_thread_id() noexcept {
-  // Ids are never reused, unlike std::thread::id, so an ownership claim made by a thread that
-  // has exited can never be mistaken for a new thread's.
-  thread_local const std::uint64_t id = next_thread_id.fetch_add(1, std::memory_order_relaxed);
-  return id;
+std::uint64_t next_thread_id() noexcept {
+  return next_thread_id_value.fetch_add(1, std::memory_order_relaxed);
 }
 
 async_frame::async_frame() noexcept : previous_(innermost_async), hidden_sync_(innermost_sync) {

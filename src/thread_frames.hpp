@@ -8,13 +8,13 @@
 
 #include <cstdint>
 
+#include "stepflow/detail/thread_id.hpp"
+
 namespace stepflow::detail {
 
 class device_state;
 class sync_frame;
 
-/// A unique, never reused id for the calling thread (0 is never an id).
-std::uint64_t this_thread_id() noexcept;
 
 /// While alive, the calling thread runs asynchronous closures (of any device).
 class async_frame {

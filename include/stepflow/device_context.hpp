@@ -10,6 +10,7 @@
 
 #include "stepflow/closure.hpp"
 #include "stepflow/detail/bind.hpp"
+#include "stepflow/detail/closure_lane.hpp"
 
 namespace stepflow {
 
@@ -46,14 +47,14 @@ class device_context {
   template <class F, class... Args>
   requires(!std::is_same_v<std::decay_t<F>, run_async_t>) void add_step_closure(F&& f,
                                                                                 Args&&... args) {
-    push(detail::make_closure(std::forward<F>(f), std::forward<Args>(args)...), false);
+    add(sync_lane, std::forward<F>(f), std::forward<Args>(args)...);
   }
 
   /// Queues `f(args...)` to run asynchronously on oneTBB's workers after the step end: one at a
   /// time per device, in the order added, across steps. Same capture rules as the sync overload.
   template <class F, class... Args>
   void add_step_closure(run_async_t, F&& f, Args&&... args) {
-    push(detail::make_closure(std::forward<F>(f), std::forward<Args>(args)...), true);
+    add(async_lane, std::forward<F>(f), std::forward<Args>(args)...);
   }
 
   /// The step barrier. In this order: reports an asynchronous failure recorded before the call
@@ -98,11 +99,25 @@ class device_context {
 
  private:
   friend class detail::device_state;
-  explicit device_context(detail::device_state& state) noexcept : state_(&state) {}
+  device_context(detail::device_state& state, detail::closure_lane_tail& sync,
+                 detail::closure_lane_tail& async) noexcept
+      : state_(&state), lanes_{&sync, &async} {}
 
-  void push(closure&& c, bool async);
+  static constexpr int sync_lane = 0;
+  static constexpr int async_lane = 1;
+
+  template <class F, class... Args>
+  void add(int lane, F&& f, Args&&... args) {
+#ifndef NDEBUG
+    check_alive_for_add();  // before anything of this object is read: it may be gone
+#endif
+    detail::add_closure_to(*lanes_[lane], std::forward<F>(f), std::forward<Args>(args)...);
+  }
+  /// Throws `stepflow::error` if this device's scheduler is gone (debug builds of the library).
+  void check_alive_for_add() const;
 
   detail::device_state* state_;
+  detail::closure_lane_tail* lanes_[2];
 };
 
 }  // namespace stepflow

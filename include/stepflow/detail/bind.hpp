@@ -39,6 +39,10 @@ struct bound_call {
   F f;
   std::tuple<Args...> args;
 
+  template <class G, class... A>
+  requires(sizeof...(A) == sizeof...(Args) && !std::is_same_v<std::decay_t<G>, bound_call>)
+  explicit bound_call(G&& g, A&&... a) : f(std::forward<G>(g)), args(std::forward<A>(a)...) {}
+
   // The label of a `stepflow::labeled` callable survives binding its arguments.
   const char* stepflow_label() const noexcept requires requires(const F& g) { g.stepflow_label(); }
   { return f.stepflow_label(); }
@@ -57,19 +61,44 @@ inline constexpr bool is_step_closure_v =
     std::is_invocable_v<std::decay_t<F>&&, std::decay_t<Args>&&...> ||
     std::is_invocable_v<std::decay_t<F>&, std::decay_t<Args>&...>;
 
+/// The callable type stored for `add_step_closure(f, args...)`.
 template <class F, class... Args>
-closure make_closure(F&& f, Args&&... args) {
+using stored_callable_t =
+    std::conditional_t<sizeof...(Args) == 0 && !std::is_member_pointer_v<std::decay_t<F>>,
+                       std::decay_t<F>, bound_call<std::decay_t<F>, std::decay_t<Args>...>>;
+
+/// Checks `f`, then hands `f(args...)` to `sink`: a `closure` is moved in with `sink.push`, any
+/// other callable is constructed in place with `sink.template emplace<Stored>(f, args...)`.
+template <class Sink, class F, class... Args>
+void add_closure_to(Sink& sink, F&& f, Args&&... args) {
   static_assert(is_step_closure_v<F, Args...>,
                 "stepflow: the step closure cannot be called with these arguments "
                 "(they are decay-copied when added and passed to it once)");
   using D = std::decay_t<F>;
   check_not_null<D>(f);
-  if constexpr (sizeof...(Args) == 0 && !std::is_member_pointer_v<D>) {
-    return closure(std::forward<F>(f));
+  if constexpr (sizeof...(Args) == 0 && std::is_same_v<D, closure>) {
+    sink.push(closure(std::forward<F>(f)));
   } else {
-    return closure(
-        bound_call<D, std::decay_t<Args>...>{std::forward<F>(f), {std::forward<Args>(args)...}});
+    sink.template emplace<stored_callable_t<F, Args...>>(std::forward<F>(f),
+                                                         std::forward<Args>(args)...);
   }
+}
+
+/// The sink of `make_closure`: keeps what it is given as one `closure`.
+struct closure_maker {
+  closure made;
+  void push(closure&& c) { made = std::move(c); }
+  template <class Stored, class... A>
+  void emplace(A&&... a) {
+    made = closure(std::in_place_type<Stored>, std::forward<A>(a)...);
+  }
+};
+
+template <class F, class... Args>
+closure make_closure(F&& f, Args&&... args) {
+  closure_maker sink;
+  add_closure_to(sink, std::forward<F>(f), std::forward<Args>(args)...);
+  return std::move(sink.made);
 }
 
 }  // namespace stepflow::detail

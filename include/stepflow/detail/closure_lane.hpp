@@ -1,0 +1,75 @@
+#pragma once
+/// \file
+/// The adding end of one device's closures of one kind (sync or async). Not part of the public
+/// API: it is in a header only so that adding a closure from the thread that usually adds them
+/// is inline and builds the callable in its final place.
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "stepflow/closure.hpp"
+#include "stepflow/detail/thread_id.hpp"
+
+namespace stepflow::detail {
+
+/// Why a lane: an atomic read-modify-write costs about 8 ns on this project's machines, as much
+/// as the rest of adding a closure. Nearly always one thread adds a device's closures and ends
+/// its steps, so the first thread that adds becomes the lane's *owner*: it constructs each
+/// closure as a record (its `closure_ops` address, then the callable) directly in a chunk of
+/// memory and publishes it with one release store. The step end hands those records to the
+/// closures' runner where they are, without copying them. Other threads go through
+/// `push` (src/pending_closures.cpp), which takes a lock. The rest of the lane is
+/// `pending_closures` in src/.
+class closure_lane_tail {
+ public:
+  /// Builds `Stored(args...)` at the end of the lane. Thread-safe; lock-free and RMW-free for
+  /// the owner while its chunk has room. The callable's constructor must not add closures to
+  /// the same lane.
+  template <class Stored, class... Args>
+  void emplace(Args&&... args) {
+    constexpr std::size_t size = record_size_of<Stored>;
+    if (owner_.load(std::memory_order_relaxed) == this_thread_id() &&
+        static_cast<std::size_t>(end_ - tail_) >= size) [[likely]] {
+      const closure_ops* ops =
+          construct_callable<Stored>(tail_ + sizeof ops, std::forward<Args>(args)...);
+      std::memcpy(tail_, &ops, sizeof ops);
+      tail_ += size;
+      word_ += count_one + size;
+      published_.store(word_, std::memory_order_release);
+    } else {
+      push(closure(std::in_place_type<Stored>, std::forward<Args>(args)...));
+    }
+  }
+
+  /// Appends `c`'s callable; `c` becomes empty. Thread-safe.
+  void push(closure&& c);
+
+ protected:
+  closure_lane_tail() = default;
+  ~closure_lane_tail() = default;
+  closure_lane_tail(const closure_lane_tail&) = delete;
+  closure_lane_tail& operator=(const closure_lane_tail&) = delete;
+
+  // The published word: [records added, mod 2^30 | chunk sequence number, mod 2^20 | byte
+  // offset of the end in that chunk]. One store publishes where the records end and how many
+  // there are, so a step end knows both without walking the records. Adding a record adds
+  // `count_one + size`: the count wraps off the top, the offset never reaches bit 14 (chunks
+  // are smaller than 16 KiB), and the sequence number changes only when a new chunk starts.
+  static constexpr unsigned offset_bits = 14;
+  static constexpr unsigned sequence_bits = 20;
+  static constexpr unsigned count_shift = offset_bits + sequence_bits;
+  static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
+
+  std::atomic<std::uint64_t> owner_{0};  // this_thread_id() of the owner, 0 until claimed
+  // Owner-only, apart from `published_`. Aligned so the step end's fields do not share its line.
+  alignas(64) unsigned char* tail_ = nullptr;  // where the next record goes
+  unsigned char* end_ = nullptr;               // end of the current chunk's records
+  std::uint64_t word_ = 0;                     // the owner's copy of `published_`
+  std::atomic<std::uint64_t> published_{0};
+};
+
+}  // namespace stepflow::detail
