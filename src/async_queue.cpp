@@ -123,7 +123,8 @@ void async_queue::wait_admitted_slow(std::uint64_t ticket) {
   lock_type lock(mutex_);
   // Room made between the drainer's progress reports (a closure started) is not announced, so
   // the wait re-checks every millisecond.
-  wait_until(lock, [&] { return admitted(ticket); }, nullptr, true);
+  wait_until(
+      lock, [&] { return admitted(ticket); }, nullptr, true);
 }
 
 void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
@@ -282,29 +283,30 @@ bool async_queue::wait_until(lock_type& lock, Done done,
 }
 
 void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {
-  std::size_t index = 0;
+  const std::size_t n = batch.size();
+  std::uint64_t started = started_.load(std::memory_order_relaxed);  // this thread's to write
   std::size_t unreported = 0;  // ran, not yet counted in finished_
   std::size_t discarded = 0;
   bool failed = false;
+  std::exception_ptr error;
   std::vector<closure_batch> behind;
   observed_batch observed(observer_, closure_kind::async, step);
-  const std::size_t n = batch.size();
   batch.consume([&](closure_ref c) noexcept {
-    ++index;
-    if (failed) return;  // behind a failure in this batch: destroyed unrun
-    if (unreported == release_every) {
+    if (failed) [[unlikely]]
+      return;  // behind a failure in this batch: destroyed unrun
+    if (unreported == release_every) [[unlikely]] {
       finished(unreported, 0);
       unreported = 0;
     }
-    mark_started(1);
+    started_.store(++started, std::memory_order_release);
     ++unreported;
     // The exception_ptr outlives the handler, so this thread's hold on the exception object is
     // only `error`, handed over under the queue's lock (the handler's own reference count lives
     // in uninstrumented libstdc++, invisible to ThreadSanitizer).
-    if (std::exception_ptr error = observed.run(c)) {
+    if (!observed.run(c, error)) [[unlikely]] {
       // Failure first: a flush that sees this closure finished must also see the failure.
       lock_type lock(mutex_);
-      discarded = record_failure_locked(std::move(error), behind, n - index);
+      discarded = record_failure_locked(std::move(error), behind, n - observed.ran());
       failed = true;
     }
   });
@@ -318,6 +320,7 @@ std::size_t async_queue::record_failure_locked(std::exception_ptr error,
                                                std::vector<closure_batch>& behind,
                                                std::size_t left_in_batch) noexcept {
   failure_ = std::move(error);
+  has_failure_.store(true, std::memory_order_release);
   failed_count_.fetch_add(1);
   std::size_t discarded = left_in_batch;
   try {
@@ -374,8 +377,10 @@ bool async_queue::wait_for_handed_over_until(std::chrono::steady_clock::time_poi
 }
 
 std::optional<async_failure> async_queue::take_failure() {
+  if (!has_failure_.load(std::memory_order_acquire)) return std::nullopt;  // every step end
   std::lock_guard lock(mutex_);
   if (!failure_) return std::nullopt;
+  has_failure_.store(false, std::memory_order_relaxed);
   async_failure f{std::move(failure_), discarded_since_failure_};
   failure_ = nullptr;
   discarded_since_failure_ = 0;

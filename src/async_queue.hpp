@@ -5,10 +5,11 @@
 // Who drains: whoever holds the `draining_` role. Normally a oneTBB task enqueued into the
 // scheduler's arena, which stays a little after the queue empties (it lingers, see
 // async_queue.cpp) so that a training loop's next step finds it still running instead of
-// enqueueing a task and waking a worker every step. A thread that must wait (a full queue, a flush) and finds nobody
-// draining takes the role and runs closures itself. That is what makes every wait deadlock-free
-// without depending on a free worker: with one TBB thread, from inside a parallel_pipeline
-// filter, or while all workers are busy. Exactly one holder at a time keeps the order FIFO.
+// enqueueing a task and waking a worker every step. A thread that must wait (a full queue, a flush)
+// and finds nobody draining takes the role and runs closures itself. That is what makes every wait
+// deadlock-free without depending on a free worker: with one TBB thread, from inside a
+// parallel_pipeline filter, or while all workers are busy. Exactly one holder at a time keeps the
+// order FIFO.
 //
 // Knows nothing of device names, steps across devices or the environment.
 
@@ -183,11 +184,12 @@ class async_queue {
   // capacity)); pending = admitted - started_. `started_` has one writer at a time, the holder of
   // the drain role, which stores it before each closure starts (a plain store, no
   // read-modify-write), so a closure that is running, or blocked, no longer takes room.
-  alignas(64) std::atomic<std::uint64_t> started_{0};  // ran, running or discarded
+  alignas(64) std::atomic<std::uint64_t> started_{0};   // ran, running or discarded
   alignas(64) std::atomic<std::uint64_t> reserved_{0};  // written under mutex_ (flush tickets)
   std::atomic<std::uint64_t> forced_{0};    // admitted beyond the capacity, written under mutex_
   std::atomic<std::uint64_t> changes_{0};   // bumped by every reserve and gate change
   std::atomic<std::uint64_t> finished_{0};  // ran or discarded
+  std::atomic<bool> has_failure_{false};    // failure_ is set, for a lock-free check
   std::atomic<std::uint64_t> ran_count_{0};
   std::atomic<std::uint64_t> failed_count_{0};
   std::atomic<std::uint64_t> discarded_count_{0};

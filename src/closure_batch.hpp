@@ -55,6 +55,8 @@ class closure_batch {
   ~closure_batch() { discard(); }
 
   std::size_t size() const noexcept { return size_; }
+  /// Whether it has buffers worth keeping in a pool.
+  bool has_buffers() const noexcept { return segments_.capacity() != 0; }
   bool empty() const noexcept { return size_ == 0; }
 
   /// Appends `count` records of `lane` starting at byte `offset` of `chunk`.
@@ -69,8 +71,7 @@ class closure_batch {
     if (!segments_.empty() && segments_.back().lane == nullptr) {
       ++segments_.back().count;
     } else {
-      segments_.push_back(
-          segment{nullptr, nullptr, static_cast<std::uint32_t>(held_.size()), 1});
+      segments_.push_back(segment{nullptr, nullptr, static_cast<std::uint32_t>(held_.size()), 1});
     }
     held_.push_back(std::move(c));
     ++size_;
@@ -171,6 +172,7 @@ class batch_pool {
   /// Destroys what is left in `b`, then keeps it unless the pool is full.
   void release(closure_batch&& b) noexcept {
     b.discard();
+    if (!b.has_buffers()) return;
     std::lock_guard lock(mutex_);
     if (spare_.size() < max_spare) spare_.push_back(std::move(b));
   }

@@ -38,7 +38,11 @@ struct closure_observer {
 class observed_batch {
  public:
   observed_batch(closure_observer& observer, closure_kind kind, std::uint64_t step) noexcept
-      : observer_(observer), kind_(kind), step_(step), start_(trace_recorder::now_ns()) {}
+      : observer_(observer),
+        kind_(kind),
+        step_(step),
+        start_(trace_recorder::now_ns()),
+        tracing_(observer.trace != nullptr) {}
 
   ~observed_batch() {
     observer_.timed.fetch_add(ran_, std::memory_order_relaxed);
@@ -48,30 +52,40 @@ class observed_batch {
   observed_batch(const observed_batch&) = delete;
   observed_batch& operator=(const observed_batch&) = delete;
 
-  /// Calls `c`; returns what it threw (any type), or null. The exception_ptr is made inside the
-  /// handler but outlives it, so the caller records the failure after the handler ended.
-  std::exception_ptr run(closure& c) noexcept { return run(closure_access::ref(c)); }
-  std::exception_ptr run(closure_ref c) noexcept {
-    const bool sampled = ran_++ % run_time_sample_every == 0;
-    if (!sampled && observer_.trace == nullptr) return call(c);
-    const std::uint64_t begin = trace_recorder::now_ns();
-    std::exception_ptr error = call(c);
-    const std::uint64_t took = trace_recorder::now_ns() - begin;
-    if (sampled) observer_.histogram.record(took);
-    if (observer_.trace != nullptr) {
-      observer_.trace->complete(observer_.track, kind_, c.label(), step_, begin, took);
-    }
-    return error;
+  /// Calls `c`. When it throws (any type), stores what it threw in `error` and returns false.
+  /// The exception_ptr is made inside the handler but outlives it, so the caller records the
+  /// failure after the handler ended.
+  bool run(closure_ref c, std::exception_ptr& error) noexcept {
+    if (ran_++ % run_time_sample_every != 0 && !tracing_) [[likely]]
+      return call(c, error);
+    return run_timed(c, error);
+  }
+  bool run(closure& c, std::exception_ptr& error) noexcept {
+    return run(closure_access::ref(c), error);
   }
 
+  /// Closures run so far.
+  std::uint64_t ran() const noexcept { return ran_; }
+
  private:
-  static std::exception_ptr call(closure_ref c) noexcept {
+  bool run_timed(closure_ref c, std::exception_ptr& error) noexcept {
+    const bool sampled = (ran_ - 1) % run_time_sample_every == 0;
+    const std::uint64_t begin = trace_recorder::now_ns();
+    const bool ok = call(c, error);
+    const std::uint64_t took = trace_recorder::now_ns() - begin;
+    if (sampled) observer_.histogram.record(took);
+    if (tracing_) observer_.trace->complete(observer_.track, kind_, c.label(), step_, begin, took);
+    return ok;
+  }
+
+  static bool call(closure_ref c, std::exception_ptr& error) noexcept {
     try {
       c();
     } catch (...) {  // any exception, not only std::exception (H6)
-      return std::current_exception();
+      error = std::current_exception();
+      return false;
     }
-    return nullptr;
+    return true;
   }
 
   closure_observer& observer_;
@@ -79,6 +93,7 @@ class observed_batch {
   std::uint64_t step_;
   std::uint64_t start_;
   std::uint64_t ran_ = 0;
+  bool tracing_;
 };
 
 }  // namespace stepflow::detail

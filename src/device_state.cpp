@@ -50,15 +50,17 @@ void device_state::run_step_closures() {
   // The first step end of any device fixes who takes part in lockstep and joined closures.
   graph_.freeze();
 
-  closure_batch async_batch = pool_.acquire();
-  closure_batch sync_batch = pool_.acquire();
+  closure_batch async_batch;
+  closure_batch sync_batch;
   std::uint64_t step = 0;
   std::uint64_t ticket = 0;
   {
     std::lock_guard lock(take_mutex_);
-    async_pending_.take(async_batch);
-    sync_pending_.take(sync_batch);
-    taken_.fetch_add(async_batch.size() + sync_batch.size(), std::memory_order_relaxed);
+    take(async_pending_, async_batch);
+    take(sync_pending_, sync_batch);
+    // Written under take_mutex_ only: a plain increment, read by metrics.
+    taken_.store(taken_.load(std::memory_order_relaxed) + async_batch.size() + sync_batch.size(),
+                 std::memory_order_relaxed);
     step = step_.fetch_add(1, std::memory_order_acq_rel) + 1;
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
@@ -85,6 +87,13 @@ void device_state::run_step_closures() {
   }
 }
 
+void device_state::take(pending_closures& lane, closure_batch& out) {
+  // A step that added nothing of this kind costs no trip to the pool.
+  if (!lane.has_untaken()) return;
+  out = pool_.acquire();
+  lane.take(out);
+}
+
 void device_state::run_inline(closure_batch& first, closure_batch* second, std::uint64_t step) {
   if (first.empty() && (second == nullptr || second->empty())) {
     // Nothing to run: skip the task group, whose run_and_wait is most of an empty step end.
@@ -98,14 +107,15 @@ void device_state::run_inline(closure_batch& first, closure_batch* second, std::
   // In sync mode `first` holds the step's async closures, traced as such.
   auto run_all = [&](closure_batch& batch, closure_kind kind) {
     observed_batch observed(observer_, kind, step);
+    bool failed = static_cast<bool>(failure);
     batch.consume([&](closure_ref c) noexcept {
-      if (failure) {
+      if (failed) [[unlikely]] {
         ++dropped;
         return;
       }
-      ++ran;
-      failure = observed.run(c);
+      failed = !observed.run(c, failure);
     });
+    ran += observed.ran();
   };
   const auto body = [&] {
     sync_frame frame(this);

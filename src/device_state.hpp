@@ -66,6 +66,7 @@ class device_state {
   sync_counts sync_totals() const noexcept;
 
  private:
+  void take(pending_closures& lane, closure_batch& out);
   void run_inline(closure_batch& first, closure_batch* second, std::uint64_t step);
 
   device_context context_;

@@ -63,7 +63,7 @@ void pending_closures::push_any(closure&& c) {
   // tag it sees is at most that word (no shared closure overtakes an owner closure that was
   // added before it).
   shared_.push_back(tagged{std::move(c), published_.load(std::memory_order_acquire)});
-  ++shared_pushed_;
+  shared_count_.store(shared_count_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
 }
 
 void pending_closures::push_owned(closure&& c) {
@@ -87,8 +87,8 @@ void pending_closures::start_chunk(std::size_t room) {
     std::memcpy(tail_, &none, sizeof none);
   }
   const std::uint32_t records_before = static_cast<std::uint32_t>(count_of(word_));
-  tail_chunk_->sealed_records = static_cast<std::uint32_t>(
-      (records_before - count_of(tail_chunk_word_)) & count_mask);
+  tail_chunk_->sealed_records =
+      static_cast<std::uint32_t>((records_before - count_of(tail_chunk_word_)) & count_mask);
   tail_chunk_->next = next;  // published with the next record's word
   tail_chunk_ = next;
   tail_ = next->records;
@@ -99,14 +99,26 @@ void pending_closures::start_chunk(std::size_t room) {
 }
 
 void pending_closures::take(closure_batch& out) {
-  std::uint64_t owner_end;
-  {
+  // The owner's word first: a shared closure added before an owner closure that this step end
+  // sees is then seen too (its count was raised before that owner closure was published).
+  std::uint64_t owner_end = published_.load(std::memory_order_acquire);
+  if (shared_count_.load(std::memory_order_acquire) != shared_taken_) {
     std::lock_guard lock(shared_mutex_);
     shared_.swap(shared_spare_);
+    shared_taken_ = shared_count_.load(std::memory_order_relaxed);
+    // Under the lock, so every tag taken is at most this word.
     owner_end = published_.load(std::memory_order_acquire);
   }
   for (tagged& t : shared_spare_) {
-    take_owned_upto(t.owner_word, out);
+    // A tag behind what was taken already: that closure was added while the previous step end
+    // ran (it skips the lock when it sees no shared closure), concurrently with the owner
+    // closures that step took, so it comes after them.
+    const std::uint32_t taken =
+        static_cast<std::uint32_t>(owner_taken_.load(std::memory_order_relaxed));
+    if (((count_of(t.owner_word) - taken) & count_mask) <=
+        ((count_of(owner_end) - taken) & count_mask)) {
+      take_owned_upto(t.owner_word, out);
+    }
     out.add(std::move(t.c));
   }
   shared_spare_.clear();
@@ -142,8 +154,7 @@ void pending_closures::take_owned_upto(std::uint64_t word, closure_batch& out) {
 }
 
 void pending_closures::records_done(lane_chunk* chunk, std::uint32_t records) noexcept {
-  if (chunk->done.fetch_add(records, std::memory_order_acq_rel) + records ==
-      lane_chunk::all_done) {
+  if (chunk->done.fetch_add(records, std::memory_order_acq_rel) + records == lane_chunk::all_done) {
     recycle(chunk);
   }
 }
@@ -153,11 +164,7 @@ void records_done(pending_closures* lane, lane_chunk* chunk, std::uint32_t recor
 }
 
 std::uint64_t pending_closures::pushed() const noexcept {
-  std::uint64_t shared;
-  {
-    std::lock_guard lock(shared_mutex_);
-    shared = shared_pushed_;
-  }
+  const std::uint64_t shared = shared_count_.load(std::memory_order_acquire);
   // Taken first: the owner's word read afterwards counts at least as many records.
   const std::uint64_t taken = owner_taken_.load(std::memory_order_acquire);
   const std::uint32_t count = count_of(published_.load(std::memory_order_acquire));

@@ -25,6 +25,15 @@ class pending_closures : public closure_lane_tail {
   pending_closures();
   ~pending_closures();
 
+  /// Whether closures were added since the last `take` (a hint: adds may race with it).
+  bool has_untaken() const noexcept {
+    const std::uint64_t word = published_.load(std::memory_order_acquire);
+    return ((word >> count_shift) - owner_taken_.load(std::memory_order_relaxed)) %
+                   (std::uint64_t{1} << (64 - count_shift)) !=
+               0 ||
+           shared_count_.load(std::memory_order_acquire) != shared_taken_;
+  }
+
   /// Appends every closure added before the call to `out`, in order. One caller at a time
   /// (the device's take lock); concurrent adds are fine.
   void take(closure_batch& out);
@@ -49,7 +58,7 @@ class pending_closures : public closure_lane_tail {
   lane_chunk* new_chunk();
   void recycle(lane_chunk* c) noexcept;
 
-  lane_chunk* tail_chunk_;           // owner-only
+  lane_chunk* tail_chunk_;             // owner-only
   std::uint64_t tail_chunk_word_ = 0;  // owner-only: `word_` when `tail_chunk_` was started
 
   // Step-end side, touched only under the device's take lock (`owner_taken_` is also read by
@@ -60,11 +69,12 @@ class pending_closures : public closure_lane_tail {
   std::uint32_t head_taken_ = 0;  // records of `head_` taken so far
   std::atomic<std::uint64_t> owner_taken_{0};
   std::vector<tagged> shared_spare_;
+  std::uint64_t shared_taken_ = 0;
 
   // Other threads' closures.
   alignas(64) mutable std::mutex shared_mutex_;
-  std::vector<tagged> shared_;       // guarded by shared_mutex_
-  std::uint64_t shared_pushed_ = 0;  // guarded by shared_mutex_
+  std::vector<tagged> shared_;                  // guarded by shared_mutex_
+  std::atomic<std::uint64_t> shared_count_{0};  // written under shared_mutex_
 
   // Chunks whose records all ran, for the owner to reuse.
   std::mutex spare_mutex_;

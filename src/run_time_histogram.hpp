@@ -1,7 +1,7 @@
 #pragma once
 // The distribution of closure run times: a log-scale histogram fed with a sample of closures.
 //
-// Why a sample: reading the clock costs about 20 ns (two reads per closure would double the cost
+// Why a sample: reading the clock costs 20-35 ns (two reads per closure would double the cost
 // of a small closure), so a step's closures are timed as a batch (count and sum are exact) and
 // only one closure in `run_time_sample_every` is timed on its own for the distribution.
 //
@@ -23,7 +23,7 @@ namespace stepflow::detail {
 
 /// One closure in 64 is timed individually for the distribution; count and sum come from batch
 /// timing. (The owner of a run loop times closure `i` alone when `i % run_time_sample_every == 0`.)
-inline constexpr std::uint32_t run_time_sample_every = 64;
+inline constexpr std::uint32_t run_time_sample_every = 256;
 
 /// A histogram of durations in nanoseconds: 4 buckets per power of two (each at most 25% wide
 /// relative to its lower bound), exact below 8 ns, covering 0 ns to 2^36 ns (about 68.7 s), and one

@@ -157,7 +157,8 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
     joined_step_frame step(wave);
     observed_batch observed(observer_, closure_kind::joined, wave);
     for (std::size_t i = 0; i < todo.size(); ++i) {
-      std::exception_ptr error = observed.run(todo[i]);
+      std::exception_ptr error;
+      observed.run(todo[i], error);
       todo[i].reset();
       std::vector<closure> behind;
       const bool failed = static_cast<bool>(error);

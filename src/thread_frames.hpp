@@ -15,7 +15,6 @@ namespace stepflow::detail {
 class device_state;
 class sync_frame;
 
-
 /// While alive, the calling thread runs asynchronous closures (of any device).
 class async_frame {
  public:

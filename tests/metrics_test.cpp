@@ -228,7 +228,7 @@ TEST(RunTimeHistogram, MergedHistogramsEqualOneHistogramOfEverySample) {
   EXPECT_EQ(m.sum_ns, 123u);
 }
 
-TEST(RunTimeHistogram, SampleIntervalIsSixtyFour) { EXPECT_EQ(detail::run_time_sample_every, 64u); }
+TEST(RunTimeHistogram, SampleIntervalIs256) { EXPECT_EQ(detail::run_time_sample_every, 256u); }
 
 // ---------------------------------------------------------------------------------------------
 // The total row

@@ -47,9 +47,9 @@ inline constexpr bool has_label = requires(const D& d) {
 
 /// Whether `D` lives inside the storage (else on the heap, the storage holding a pointer).
 template <class D>
-inline constexpr bool stored_inline =
-    sizeof(D) <= closure_inline_size && alignof(D) <= alignof(std::max_align_t) &&
-    alignof(D) <= 8 && std::is_nothrow_move_constructible_v<D>;
+inline constexpr bool stored_inline = sizeof(D) <= closure_inline_size &&
+                                      alignof(D) <= alignof(std::max_align_t) &&
+                                      alignof(D) <= 8 && std::is_nothrow_move_constructible_v<D>;
 
 template <class D>
 void call_stored(D& f) {

@@ -40,8 +40,9 @@ struct bound_call {
   std::tuple<Args...> args;
 
   template <class G, class... A>
-  requires(sizeof...(A) == sizeof...(Args) && !std::is_same_v<std::decay_t<G>, bound_call>)
-  explicit bound_call(G&& g, A&&... a) : f(std::forward<G>(g)), args(std::forward<A>(a)...) {}
+  requires(sizeof...(A) == sizeof...(Args) &&
+           !std::is_same_v<std::decay_t<G>, bound_call>) explicit bound_call(G&& g, A&&... a)
+      : f(std::forward<G>(g)), args(std::forward<A>(a)...) {}
 
   // The label of a `stepflow::labeled` callable survives binding its arguments.
   const char* stepflow_label() const noexcept requires requires(const F& g) { g.stepflow_label(); }
