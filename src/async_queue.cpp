@@ -92,7 +92,7 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
   reserved_.store(ticket, std::memory_order_release);
   changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   note_high_water();
-  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
+  call_drainer_locked();
   return ticket;
 }
 
@@ -160,7 +160,7 @@ void async_queue::set_gate(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
   gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
   changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
-  if (!draining_ && !task_pending_ && runnable_locked()) schedule_drainer_locked();
+  call_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
 }
 
@@ -175,12 +175,22 @@ void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener)
 }
 
 bool async_queue::drainer_about_to_start_locked() const noexcept {
-  return task_pending_ && trace_recorder::now_ns() - task_scheduled_ns_ < drainer_start_grace_ns;
+  return (task_pending_ || lingering_) &&
+         trace_recorder::now_ns() - drainer_called_ns_ < drainer_start_grace_ns;
+}
+
+void async_queue::call_drainer_locked() {
+  // A lingering drainer notices `changes_` by itself; otherwise a task is needed.
+  if (lingering_) {
+    drainer_called_ns_ = trace_recorder::now_ns();
+  } else if (!draining_ && !task_pending_ && runnable_locked()) {
+    schedule_drainer_locked();
+  }
 }
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
-  task_scheduled_ns_ = trace_recorder::now_ns();
+  drainer_called_ns_ = trace_recorder::now_ns();
   waiting_drainer_tasks.fetch_add(1, std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
   enqueue_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
@@ -193,10 +203,20 @@ void async_queue::run_drainer_task() noexcept {
   // A waiting thread took the role meanwhile; it reschedules a task if it leaves work behind.
   if (draining_) return;
   draining_ = true;
-  do {
+  for (;;) {
     drain_locked(lock, [] { return false; });
-  } while (linger(lock));
-  release_drain_role_locked();
+    // Lingering, this thread gives the role up: a lingerer that the OS has descheduled (the
+    // machine is oversubscribed) must not hold up a producer that needs room, which takes the
+    // role after the grace period (`drainer_about_to_start_locked`).
+    draining_ = false;
+    lingering_ = true;
+    if (waiters_.load() > 0) progress_.notify_all();
+    const bool again = linger(lock);
+    lingering_ = false;
+    if (!again || draining_ || !runnable_locked()) break;
+    draining_ = true;
+  }
+  if (!draining_) release_drain_role_locked();
 }
 
 bool async_queue::linger(lock_type& lock) noexcept {
@@ -216,7 +236,7 @@ bool async_queue::linger(lock_type& lock) noexcept {
     std::this_thread::yield();
   }
   lock.lock();
-  return changed && runnable_locked() && !stop_lingering_;
+  return changed && !stop_lingering_;
 }
 
 template <class Stop>
@@ -245,7 +265,15 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
 
 void async_queue::release_drain_role_locked() noexcept {
   draining_ = false;
-  if (runnable_locked() && !task_pending_) schedule_drainer_locked();
+  if (runnable_locked() && !task_pending_) {
+    if (lingering_) {
+      // A waiter that drained leaves work behind: wake the lingerer for it.
+      changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      drainer_called_ns_ = trace_recorder::now_ns();
+    } else {
+      schedule_drainer_locked();
+    }
+  }
   if (waiters_.load() > 0) progress_.notify_all();
 }
 
@@ -268,7 +296,9 @@ bool async_queue::wait_until(lock_type& lock, Done done,
     waiters_.fetch_add(1);
     bool timed_out = false;
     if (!done() && (draining_ || !runnable_locked() || drainer_about_to_start_locked())) {
-      if (recheck || drainer_about_to_start_locked()) {
+      if (drainer_about_to_start_locked()) {
+        progress_.wait_for(lock, std::chrono::nanoseconds(drainer_start_grace_ns));
+      } else if (recheck) {
         progress_.wait_for(lock, std::chrono::milliseconds(1));
       } else if (deadline == nullptr) {
         progress_.wait(lock);

@@ -131,6 +131,7 @@ class async_queue {
   bool drainer_about_to_start_locked() const noexcept;
   void publish_progress_locked() noexcept;
   void note_high_water() noexcept;
+  void call_drainer_locked();
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;
   template <class Stop>
@@ -174,8 +175,9 @@ class async_queue {
   std::function<void(std::uint64_t)> step_listener_;
   bool draining_ = false;                // someone holds the right to run closures
   bool task_pending_ = false;            // a drainer task is enqueued and has not started
+  bool lingering_ = false;               // a drainer waits for work without holding the role
   bool stop_lingering_ = false;          // shutdown: a lingering drainer leaves at once
-  std::uint64_t task_scheduled_ns_ = 0;  // when it was enqueued
+  std::uint64_t drainer_called_ns_ = 0;  // when a task was enqueued or the lingerer had work
   std::exception_ptr failure_;           // fail-stop: set from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
 
