@@ -2,7 +2,13 @@
 
 #include <algorithm>
 #include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <utility>
+
+#include <oneapi/tbb/info.h>
 
 #include "closure_observer.hpp"
 #include "enqueue_task.hpp"
@@ -10,6 +16,14 @@
 
 namespace stepflow::detail {
 namespace {
+void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // Progress (finished closures) is published every this many closures, not once per batch, so a
 // flush or a producer waiting for room hears of it while a long batch runs.
 constexpr std::size_t release_every = 16;
@@ -22,12 +36,37 @@ constexpr std::uint64_t drainer_start_grace_ns = 50'000;
 // How long a drainer stays after the queue empties, watching for the next batch. A training
 // loop's steps come every few to few hundred microseconds; a drainer that leaves at once makes
 // every step enqueue a task and wake a worker (2-9 us, often far more on a virtual machine).
-// It yields while it waits, and leaves at once when another drainer task is waiting for a
-// worker, so it never holds the worker another device needs.
+// It spins, then yields, while it waits, and leaves at once when another drainer task is waiting
+// for a worker, so it never holds the worker another device needs.
 constexpr std::uint64_t linger_ns = 100'000;
-// How long a producer short of room spins (yielding) before it sleeps: room usually appears
+// How long a producer short of room spins before it sleeps: room usually appears
 // within microseconds, and sleeping costs a wake-up.
 constexpr std::uint64_t room_spin_ns = 20'000;
+
+/// Polls `ready` for up to `budget_ns`; true as soon as it holds. With `pause_first`, polls
+/// during the first `pause_phase_ns` are spaced by pause instructions only (a `sched_yield` is a
+/// system call, ~1 us here, longer than a step's hand-over should take); after that, and always
+/// without `pause_first` (one CPU: the thread that would make `ready` true needs this one's), each
+/// poll yields. Spacing the polls also keeps the poller from pulling the polled cache line away
+/// from its writer on every closure.
+template <class Ready>
+bool spin_until(Ready ready, std::uint64_t budget_ns, bool pause_first) {
+  constexpr std::uint64_t pause_phase_ns = 3'000;
+  const std::uint64_t began = trace_recorder::now_ns();
+  bool pausing = pause_first;
+  for (int poll = 0;; ++poll) {
+    if (ready()) return true;
+    if (pausing) {
+      for (int i = 0; i < 4; ++i) cpu_relax();  // ~30 ns each here
+      if (poll % 16 != 15) continue;            // the clock costs as much as a poll
+    } else {
+      std::this_thread::yield();
+    }
+    const std::uint64_t spent = trace_recorder::now_ns() - began;
+    if (spent >= budget_ns) return false;
+    pausing = pausing && spent < pause_phase_ns;
+  }
+}
 
 // Drainer tasks enqueued and not yet started, across every queue of the process (they share
 // oneTBB's workers).
@@ -40,6 +79,7 @@ async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_poo
       pool_(pool),
       observer_(observer),
       capacity_(capacity),
+      spin_with_pauses_(tbb::info::default_concurrency() > 1),
       ring_(initial_ring_slots) {}
 
 async_queue::~async_queue() = default;
@@ -116,10 +156,7 @@ void async_queue::wait_admitted_slow(std::uint64_t ticket) {
     }
   } account{observer_, began};
   // Room usually appears within microseconds, when a drainer is at work: spin for it first.
-  while (trace_recorder::now_ns() - began < room_spin_ns) {
-    if (admitted(ticket)) return;
-    std::this_thread::yield();
-  }
+  if (spin_until([&] { return admitted(ticket); }, room_spin_ns, spin_with_pauses_)) return;
   lock_type lock(mutex_);
   // Room made between the drainer's progress reports (a closure started) is not announced, so
   // the wait re-checks every millisecond.
@@ -225,16 +262,13 @@ bool async_queue::linger(lock_type& lock) noexcept {
   if (stop_lingering_) return false;
   const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
   lock.unlock();
-  const std::uint64_t began = trace_recorder::now_ns();
   bool changed = false;
-  while (trace_recorder::now_ns() - began < linger_ns &&
-         waiting_drainer_tasks.load(std::memory_order_relaxed) == 0) {
-    if (changes_.load(std::memory_order_acquire) != seen) {
-      changed = true;
-      break;
-    }
-    std::this_thread::yield();
-  }
+  spin_until(
+      [&] {
+        changed = changes_.load(std::memory_order_acquire) != seen;
+        return changed || waiting_drainer_tasks.load(std::memory_order_relaxed) != 0;
+      },
+      linger_ns, spin_with_pauses_);
   lock.lock();
   return changed && !stop_lingering_;
 }

@@ -157,6 +157,7 @@ class async_queue {
   batch_pool& pool_;
   closure_observer& observer_;
   const std::size_t capacity_;
+  const bool spin_with_pauses_;  // another CPU may run the drainer while this one spins
 
   tbb::task_group_context context_{tbb::task_group_context::isolated};
   tbb::task_group drainer_tasks_{context_};

@@ -105,6 +105,40 @@ TEST(Capture, NullCallablesAreRejectedWhenAdded) {
   EXPECT_EQ(ran, 1);
 }
 
+TEST(Capture, ACopyThatThrowsAddsNothing) {
+  // The callable is copied straight into stepflow's storage: a copy that throws must leave
+  // nothing behind, on the owner thread's inline path, on its first add (the slow path that
+  // claims the lane) and from another thread.
+  struct throws_on_copy {
+    int* ran;
+    bool fail;
+    throws_on_copy(int* r, bool f) : ran(r), fail(f) {}
+    throws_on_copy(const throws_on_copy& o) : ran(o.ran), fail(o.fail) {
+      if (fail) throw std::runtime_error("copy failed");
+    }
+    void operator()() const { ++*ran; }
+  };
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  int ran = 0;
+  const throws_on_copy bad(&ran, true);
+  const throws_on_copy good(&ran, false);
+  EXPECT_THROW(d.add_step_closure(bad), std::runtime_error);  // first add: claims the lane
+  d.add_step_closure(good);
+  EXPECT_THROW(d.add_step_closure(bad), std::runtime_error);  // owner, inline path
+  EXPECT_THROW(d.add_step_closure(run_async, bad), std::runtime_error);
+  d.add_step_closure(run_async, good);
+  EXPECT_THROW(d.add_step_closure(run_async, bad), std::runtime_error);
+  std::thread other([&] {
+    EXPECT_THROW(d.add_step_closure(bad), std::runtime_error);  // shared lane
+    d.add_step_closure(good);
+  });
+  other.join();
+  d.run_step_closures();
+  d.flush();
+  EXPECT_EQ(ran, 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sync closures
 

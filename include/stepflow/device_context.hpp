@@ -43,7 +43,9 @@ class device_context {
   /// Queues `f(args...)` to run synchronously, inline on the thread that ends the step, in the
   /// order added. `f` and `args` are decay-copied now (`std::ref` passes a reference); the result
   /// is discarded. Never blocks. Throws `std::invalid_argument` for a null function pointer or
-  /// an empty `std::function`.
+  /// an empty `std::function`; an exception from copying `f` or `args` propagates and nothing is
+  /// added. The copy is made in stepflow's storage, so the copy and move constructors of `f` and
+  /// `args` must not add closures to this device (undefined behaviour).
   template <class F, class... Args>
   requires(!std::is_same_v<std::decay_t<F>, run_async_t>) void add_step_closure(F&& f,
                                                                                 Args&&... args) {
