@@ -110,9 +110,9 @@ TEST(Capture, ACopyThatThrowsAddsNothing) {
   // nothing behind, on the owner thread's inline path, on its first add (the slow path that
   // claims the lane) and from another thread.
   struct throws_on_copy {
-    int* ran;
+    std::atomic<int>* ran;  // the async closure runs on a worker
     bool fail;
-    throws_on_copy(int* r, bool f) : ran(r), fail(f) {}
+    throws_on_copy(std::atomic<int>* r, bool f) : ran(r), fail(f) {}
     throws_on_copy(const throws_on_copy& o) : ran(o.ran), fail(o.fail) {
       if (fail) throw std::runtime_error("copy failed");
     }
@@ -120,7 +120,7 @@ TEST(Capture, ACopyThatThrowsAddsNothing) {
   };
   scheduler s(quiet_options());
   device_context& d = s.device("d");
-  int ran = 0;
+  std::atomic<int> ran{0};
   const throws_on_copy bad(&ran, true);
   const throws_on_copy good(&ran, false);
   EXPECT_THROW(d.add_step_closure(bad), std::runtime_error);  // first add: claims the lane
@@ -136,7 +136,7 @@ TEST(Capture, ACopyThatThrowsAddsNothing) {
   other.join();
   d.run_step_closures();
   d.flush();
-  EXPECT_EQ(ran, 3);
+  EXPECT_EQ(ran.load(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------
