@@ -68,9 +68,6 @@ bool spin_until(Ready ready, std::uint64_t budget_ns, bool pause_first) {
   }
 }
 
-// Drainer tasks enqueued and not yet started, across every queue of the process (they share
-// oneTBB's workers).
-std::atomic<int> waiting_drainer_tasks{0};
 }  // namespace
 
 async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
@@ -126,6 +123,9 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
     lock.unlock();
     pool_.release(std::move(batch));  // destroys the closures outside the lock
     return ticket;
+  }
+  if (ring_size_ == 0 && running_step_ == 0) {
+    last_idle_gap_ns_ = trace_recorder::now_ns() - idle_since_ns_;
   }
   push_ring_locked(std::move(batch), step);
   const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed) + n;
@@ -228,13 +228,11 @@ void async_queue::call_drainer_locked() {
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
   drainer_called_ns_ = trace_recorder::now_ns();
-  waiting_drainer_tasks.fetch_add(1, std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
   enqueue_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
 }
 
 void async_queue::run_drainer_task() noexcept {
-  waiting_drainer_tasks.fetch_sub(1, std::memory_order_relaxed);
   lock_type lock(mutex_);
   task_pending_ = false;
   // A waiting thread took the role meanwhile; it reschedules a task if it leaves work behind.
@@ -258,15 +256,17 @@ void async_queue::run_drainer_task() noexcept {
 
 bool async_queue::linger(lock_type& lock) noexcept {
   // Called with the lock held and nothing runnable; returns with it held, true when there is
-  // work again.
-  if (stop_lingering_) return false;
+  // work again. When work last came after a longer pause than lingering would wait, lingering
+  // would only keep a worker from the application: leave at once.
+  idle_since_ns_ = trace_recorder::now_ns();
+  if (stop_lingering_ || last_idle_gap_ns_ > linger_ns) return false;
   const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
   lock.unlock();
   bool changed = false;
   spin_until(
       [&] {
         changed = changes_.load(std::memory_order_acquire) != seen;
-        return changed || waiting_drainer_tasks.load(std::memory_order_relaxed) != 0;
+        return changed || tasks_waiting_for_a_worker.load(std::memory_order_relaxed) != 0;
       },
       linger_ns, spin_with_pauses_);
   lock.lock();

@@ -179,6 +179,8 @@ class async_queue {
   bool lingering_ = false;               // a drainer waits for work without holding the role
   bool stop_lingering_ = false;          // shutdown: a lingering drainer leaves at once
   std::uint64_t drainer_called_ns_ = 0;  // when a task was enqueued or the lingerer had work
+  std::uint64_t idle_since_ns_ = 0;      // when the drainer last found nothing to run
+  std::uint64_t last_idle_gap_ns_ = 0;   // from then until the next batch came
   std::exception_ptr failure_;           // fail-stop: set from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
 
