@@ -40,15 +40,11 @@ struct lane_chunk {
 class closure_batch {
  public:
   closure_batch() = default;
-  closure_batch(closure_batch&&) noexcept = default;
+  closure_batch(closure_batch&& other) noexcept { take(other); }
   closure_batch& operator=(closure_batch&& other) noexcept {
     if (this != &other) {
       discard();
-      segments_ = std::move(other.segments_);
-      held_ = std::move(other.held_);
-      size_ = std::exchange(other.size_, 0);
-      other.segments_.clear();
-      other.held_.clear();
+      take(other);
     }
     return *this;
   }
@@ -56,24 +52,25 @@ class closure_batch {
 
   std::size_t size() const noexcept { return size_; }
   /// Whether it has buffers worth keeping in a pool.
-  bool has_buffers() const noexcept { return segments_.capacity() != 0; }
+  bool has_buffers() const noexcept { return more_.capacity() != 0 || held_.capacity() != 0; }
   bool empty() const noexcept { return size_ == 0; }
 
   /// Appends `count` records of `lane` starting at byte `offset` of `chunk`.
   void add_records(pending_closures* lane, lane_chunk* chunk, std::uint32_t offset,
                    std::uint32_t count) {
-    segments_.push_back(segment{lane, chunk, offset, count});
+    push_segment(segment{lane, chunk, offset, count});
     size_ += count;
   }
 
   /// Appends `c` (moved from), held by the batch itself.
   void add(closure&& c) {
-    if (!segments_.empty() && segments_.back().lane == nullptr) {
-      ++segments_.back().count;
-    } else {
-      segments_.push_back(segment{nullptr, nullptr, static_cast<std::uint32_t>(held_.size()), 1});
-    }
     held_.push_back(std::move(c));
+    segment* last = last_segment();
+    if (last != nullptr && last->lane == nullptr) {
+      ++last->count;
+    } else {
+      push_segment(segment{nullptr, nullptr, static_cast<std::uint32_t>(held_.size() - 1), 1});
+    }
     ++size_;
   }
 
@@ -99,8 +96,37 @@ class closure_batch {
 
   template <class Visit>
   static void consume_records(const segment& s, Visit& visit) noexcept;
+  template <class Visit>
+  void consume_segment(const segment& s, Visit& visit) noexcept;
 
-  std::vector<segment> segments_;
+  // A step's batch is nearly always one or two segments: those live inline, so that a batch
+  // costs no allocation even before the pool has warmed up.
+  static constexpr std::uint32_t inline_segments = 2;
+
+  void push_segment(const segment& s) {
+    if (inline_count_ < inline_segments) {
+      inline_[inline_count_++] = s;
+    } else {
+      more_.push_back(s);
+    }
+  }
+  segment* last_segment() noexcept {
+    if (!more_.empty()) return &more_.back();
+    return inline_count_ == 0 ? nullptr : &inline_[inline_count_ - 1];
+  }
+  void take(closure_batch& other) noexcept {
+    for (std::uint32_t i = 0; i < other.inline_count_; ++i) inline_[i] = other.inline_[i];
+    inline_count_ = std::exchange(other.inline_count_, 0);
+    more_ = std::move(other.more_);
+    held_ = std::move(other.held_);
+    size_ = std::exchange(other.size_, 0);
+    other.more_.clear();
+    other.held_.clear();
+  }
+
+  segment inline_[inline_segments];
+  std::uint32_t inline_count_ = 0;
+  std::vector<segment> more_;
   std::vector<closure> held_;
   std::size_t size_ = 0;
 };
@@ -110,20 +136,25 @@ void records_done(pending_closures* lane, lane_chunk* chunk, std::uint32_t recor
 
 template <class Visit>
 void closure_batch::consume(Visit&& visit) noexcept {
-  for (const segment& s : segments_) {
-    if (s.lane != nullptr) {
-      consume_records(s, visit);
-      continue;
-    }
-    for (std::uint32_t i = s.offset; i < s.offset + s.count; ++i) {
-      closure& c = held_[i];
-      visit(closure_access::ref(c));
-      c.reset();
-    }
-  }
-  segments_.clear();
+  for (std::uint32_t i = 0; i < inline_count_; ++i) consume_segment(inline_[i], visit);
+  for (const segment& s : more_) consume_segment(s, visit);
+  inline_count_ = 0;
+  more_.clear();
   held_.clear();
   size_ = 0;
+}
+
+template <class Visit>
+void closure_batch::consume_segment(const segment& s, Visit& visit) noexcept {
+  if (s.lane != nullptr) {
+    consume_records(s, visit);
+    return;
+  }
+  for (std::uint32_t i = s.offset; i < s.offset + s.count; ++i) {
+    closure& c = held_[i];
+    visit(closure_access::ref(c));
+    c.reset();
+  }
 }
 
 template <class Visit>
