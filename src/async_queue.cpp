@@ -124,7 +124,8 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
     pool_.release(std::move(batch));  // destroys the closures outside the lock
     return ticket;
   }
-  if (ring_size_ == 0 && running_step_ == 0) {
+  if (ring_size_ == 0 && running_step_ == 0 && !lingering_) {
+    // The queue was idle with nobody lingering (a lingerer times its own wait, off this path).
     last_idle_gap_ns_ = trace_recorder::now_ns() - idle_since_ns_;
   }
   push_ring_locked(std::move(batch), step);
@@ -270,6 +271,7 @@ bool async_queue::linger(lock_type& lock) noexcept {
       },
       linger_ns, spin_with_pauses_);
   lock.lock();
+  last_idle_gap_ns_ = trace_recorder::now_ns() - idle_since_ns_;
   return changed && !stop_lingering_;
 }
 
