@@ -3,12 +3,7 @@
 #include <algorithm>
 #include <thread>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 #include <utility>
-
-#include <oneapi/tbb/info.h>
 
 #include "closure_observer.hpp"
 #include "enqueue_task.hpp"
@@ -16,13 +11,6 @@
 
 namespace stepflow::detail {
 namespace {
-void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 // Progress (finished closures) is published every this many closures, not once per batch, so a
 // flush or a producer waiting for room hears of it while a long batch runs.
@@ -36,35 +24,24 @@ constexpr std::uint64_t drainer_start_grace_ns = 50'000;
 // How long a drainer stays after the queue empties, watching for the next batch. A training
 // loop's steps come every few to few hundred microseconds; a drainer that leaves at once makes
 // every step enqueue a task and wake a worker (2-9 us, often far more on a virtual machine).
-// It spins, then yields, while it waits, and leaves at once when another drainer task is waiting
+// It yields while it waits, and leaves at once when another drainer task is waiting
 // for a worker, so it never holds the worker another device needs.
 constexpr std::uint64_t linger_ns = 100'000;
 // How long a producer short of room spins before it sleeps: room usually appears
 // within microseconds, and sleeping costs a wake-up.
 constexpr std::uint64_t room_spin_ns = 20'000;
 
-/// Polls `ready` for up to `budget_ns`; true as soon as it holds. With `pause_first`, polls
-/// during the first `pause_phase_ns` are spaced by pause instructions only (a `sched_yield` is a
-/// system call, ~1 us here, longer than a step's hand-over should take); after that, and always
-/// without `pause_first` (one CPU: the thread that would make `ready` true needs this one's), each
-/// poll yields. Spacing the polls also keeps the poller from pulling the polled cache line away
-/// from its writer on every closure.
+/// Polls `ready` for up to `budget_ns`, yielding between polls; true as soon as it holds.
+/// Yielding (not pause-spinning) because on a machine without a free CPU the thread that would
+/// make `ready` true needs this one's; spacing the polls by pause instructions instead measured
+/// no better in B2 on two CPUs.
 template <class Ready>
-bool spin_until(Ready ready, std::uint64_t budget_ns, bool pause_first) {
-  constexpr std::uint64_t pause_phase_ns = 3'000;
+bool spin_until(Ready ready, std::uint64_t budget_ns) {
   const std::uint64_t began = trace_recorder::now_ns();
-  bool pausing = pause_first;
-  for (int poll = 0;; ++poll) {
+  for (;;) {
     if (ready()) return true;
-    if (pausing) {
-      for (int i = 0; i < 4; ++i) cpu_relax();  // ~30 ns each here
-      if (poll % 16 != 15) continue;            // the clock costs as much as a poll
-    } else {
-      std::this_thread::yield();
-    }
-    const std::uint64_t spent = trace_recorder::now_ns() - began;
-    if (spent >= budget_ns) return false;
-    pausing = pausing && spent < pause_phase_ns;
+    std::this_thread::yield();
+    if (trace_recorder::now_ns() - began >= budget_ns) return false;
   }
 }
 
@@ -76,7 +53,6 @@ async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_poo
       pool_(pool),
       observer_(observer),
       capacity_(capacity),
-      spin_with_pauses_(tbb::info::default_concurrency() > 1),
       ring_(initial_ring_slots) {}
 
 async_queue::~async_queue() = default;
@@ -157,7 +133,7 @@ void async_queue::wait_admitted_slow(std::uint64_t ticket) {
     }
   } account{observer_, began};
   // Room usually appears within microseconds, when a drainer is at work: spin for it first.
-  if (spin_until([&] { return admitted(ticket); }, room_spin_ns, spin_with_pauses_)) return;
+  if (spin_until([&] { return admitted(ticket); }, room_spin_ns)) return;
   lock_type lock(mutex_);
   // Room made between the drainer's progress reports (a closure started) is not announced, so
   // the wait re-checks every millisecond.
@@ -269,7 +245,7 @@ bool async_queue::linger(lock_type& lock) noexcept {
         changed = changes_.load(std::memory_order_acquire) != seen;
         return changed || tasks_waiting_for_a_worker.load(std::memory_order_relaxed) != 0;
       },
-      linger_ns, spin_with_pauses_);
+      linger_ns);
   lock.lock();
   last_idle_gap_ns_ = trace_recorder::now_ns() - idle_since_ns_;
   return changed && !stop_lingering_;
