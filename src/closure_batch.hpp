@@ -159,6 +159,7 @@ void closure_batch::consume_segment(const segment& s, Visit& visit) noexcept {
 
 template <class Visit>
 void closure_batch::consume_records(const segment& s, Visit& visit) noexcept {
+  constexpr std::size_t prefetch_distance = 4 * 64;
   lane_chunk* chunk = s.chunk;
   std::size_t offset = s.offset;
   std::uint32_t in_chunk = 0;
@@ -176,6 +177,11 @@ void closure_batch::consume_records(const segment& s, Visit& visit) noexcept {
       offset = 0;
       in_chunk = 0;
       continue;
+    }
+    // The records were just written by another core: ask for a few lines ahead now, so that their
+    // transfers overlap with running this one instead of each stalling its own closure.
+    if (offset + prefetch_distance < lane_chunk::record_bytes) {
+      __builtin_prefetch(chunk->records + offset + prefetch_distance);
     }
     const closure_ref ref{ops, chunk->records + offset + sizeof ops};
     visit(ref);
