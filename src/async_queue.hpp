@@ -151,7 +151,6 @@ class async_queue {
   void mark_started(std::uint64_t n) noexcept {
     started_.store(started_.load(std::memory_order_relaxed) + n, std::memory_order_release);
   }
-  void notify_waiters() noexcept;
 
   tbb::task_arena& arena_;
   batch_pool& pool_;

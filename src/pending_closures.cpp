@@ -1,7 +1,5 @@
 #include "pending_closures.hpp"
 
-#include <cassert>
-#include <limits>
 
 namespace stepflow::detail {
 
