@@ -1,6 +1,5 @@
 #include "pending_closures.hpp"
 
-
 namespace stepflow::detail {
 
 namespace {
