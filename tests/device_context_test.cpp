@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -272,6 +273,72 @@ TEST_P(Async, RunFifoAcrossStepsOneAtATime) {
   ASSERT_EQ(order.size(), 1000u);
   for (int i = 0; i < 1000; ++i) ASSERT_EQ(order[static_cast<std::size_t>(i)], i);
   EXPECT_FALSE(overlapped);
+}
+
+TEST_P(Async, ClosuresOfEverySizeCrossChunksInOrderAndAreDestroyedOnce) {
+  // Closures are stored as records of 16 to 64 bytes end to end in 8 KiB chunks (callables
+  // over 56 bytes on the heap), so steps of varied sizes put record ends and step ends at every
+  // offset of a chunk, including its last bytes. Sync and async lanes, with steps from empty to
+  // several chunks long.
+  scheduler s(quiet_options(50));
+  device_context& d = s.device("d");
+  std::atomic<int> alive{0};
+  struct counted {
+    std::atomic<int>* alive;
+    explicit counted(std::atomic<int>* a) : alive(a) { alive->fetch_add(1); }
+    counted(const counted& o) : alive(o.alive) { alive->fetch_add(1); }
+    ~counted() { alive->fetch_sub(1); }
+  };
+  std::vector<int> sync_order;   // the step-ending thread only
+  std::vector<int> async_order;  // one async closure at a time
+  int next_sync = 0;
+  int next_async = 0;
+  auto add = [&](bool async, int size_class) {
+    int& next = async ? next_async : next_sync;
+    std::vector<int>& order = async ? async_order : sync_order;
+    const int i = next++;
+    const counted c(&alive);
+    auto push = [&order, i] { order.push_back(i); };
+    auto add_one = [&](auto f) {
+      if (async) {
+        d.add_step_closure(run_async, std::move(f));
+      } else {
+        d.add_step_closure(std::move(f));
+      }
+    };
+    switch (size_class) {
+      case 0:
+        add_one([push] { push(); });
+        break;  // 16-byte record
+      case 1:
+        add_one([push, c, pad = std::array<char, 13>{}] { push(); });
+        break;
+      case 2:
+        add_one([push, c, pad = std::array<char, 32>{}] { push(); });
+        break;  // 56 bytes
+      default:
+        add_one([push, c, pad = std::array<char, 200>{}] { push(); });
+        break;  // heap
+    }
+  };
+  std::uint32_t seed = 12345;
+  auto random = [&seed](std::uint32_t n) {
+    seed = seed * 1664525u + 1013904223u;
+    return (seed >> 8) % n;
+  };
+  for (int step = 0; step < 400; ++step) {
+    const std::uint32_t n = random(step % 50 == 0 ? 700 : 40);
+    for (std::uint32_t k = 0; k < n; ++k) {
+      add(random(2) == 0, static_cast<int>(random(4)));
+    }
+    d.run_step_closures();
+  }
+  d.flush();
+  ASSERT_EQ(sync_order.size(), static_cast<std::size_t>(next_sync));
+  ASSERT_EQ(async_order.size(), static_cast<std::size_t>(next_async));
+  for (int i = 0; i < next_sync; ++i) ASSERT_EQ(sync_order[static_cast<std::size_t>(i)], i);
+  for (int i = 0; i < next_async; ++i) ASSERT_EQ(async_order[static_cast<std::size_t>(i)], i);
+  EXPECT_EQ(alive.load(), 0);
 }
 
 TEST_P(Async, FailureIsReportedOnceByTheNextStepEndWithTheOriginalNested) {
