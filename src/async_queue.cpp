@@ -107,7 +107,7 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
   push_ring_locked(std::move(batch), step);
   const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed) + n;
   reserved_.store(ticket, std::memory_order_release);
-  changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  announce_change_locked();
   note_high_water();
   call_drainer_locked();
   return ticket;
@@ -173,7 +173,7 @@ void async_queue::publish_progress_locked() noexcept {
 void async_queue::set_gate(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
   gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
-  changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  announce_change_locked();
   call_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
 }
@@ -191,6 +191,11 @@ void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener)
 bool async_queue::drainer_about_to_start_locked() const noexcept {
   return (task_pending_ || lingering_) &&
          trace_recorder::now_ns() - drainer_called_ns_ < drainer_start_grace_ns;
+}
+
+void async_queue::announce_change_locked() noexcept {
+  // Only ever written under mutex_: a plain increment; a lingering drainer polls it.
+  changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
 }
 
 void async_queue::call_drainer_locked() {
@@ -280,7 +285,7 @@ void async_queue::release_drain_role_locked() noexcept {
   if (runnable_locked() && !task_pending_) {
     if (lingering_) {
       // A waiter that drained leaves work behind: wake the lingerer for it.
-      changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      announce_change_locked();
       drainer_called_ns_ = trace_recorder::now_ns();
     } else {
       schedule_drainer_locked();
@@ -452,7 +457,7 @@ void async_queue::shutdown() noexcept {
   {
     lock_type lock(mutex_);
     stop_lingering_ = true;
-    changes_.store(changes_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    announce_change_locked();
   }
   // Tasks that were enqueued but found the work done still have to start and finish before the
   // queue's memory goes away.

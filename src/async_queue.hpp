@@ -131,6 +131,7 @@ class async_queue {
   bool drainer_about_to_start_locked() const noexcept;
   void publish_progress_locked() noexcept;
   void note_high_water() noexcept;
+  void announce_change_locked() noexcept;
   void call_drainer_locked();
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;

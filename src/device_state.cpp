@@ -95,25 +95,18 @@ void device_state::take(pending_closures& lane, closure_batch& out) {
 }
 
 void device_state::run_inline(closure_batch& first, closure_batch* second, std::uint64_t step) {
-  if (first.empty() && (second == nullptr || second->empty())) {
-    // Nothing to run: skip the task group, whose run_and_wait is most of an empty step end.
-    pool_.release(std::move(first));
-    if (second != nullptr) pool_.release(std::move(*second));
-    return;
-  }
   std::exception_ptr failure;
   std::uint64_t ran = 0;
   std::uint64_t dropped = 0;
   // In sync mode `first` holds the step's async closures, traced as such.
   auto run_all = [&](closure_batch& batch, closure_kind kind) {
     observed_batch observed(observer_, kind, step);
-    bool failed = static_cast<bool>(failure);
     batch.consume([&](closure_ref c) noexcept {
-      if (failed) [[unlikely]] {
+      if (failure) [[unlikely]] {
         ++dropped;
         return;
       }
-      failed = !observed.run(c, failure);
+      observed.run(c, failure);
     });
     ran += observed.ran();
   };
@@ -122,22 +115,25 @@ void device_state::run_inline(closure_batch& first, closure_batch* second, std::
     run_all(first, second != nullptr ? closure_kind::async : closure_kind::sync);
     if (second != nullptr) run_all(*second, closure_kind::sync);
   };
-  // run_and_wait executes the body on this thread (it is never spawned, so never stolen), and
-  // isolation keeps the wait from picking up unrelated tasks, which inside a parallel_pipeline
-  // filter would re-enter the user's filters.
-  if (!sync_group_busy_.exchange(true, std::memory_order_acquire)) {
-    struct release_group {
-      std::atomic<bool>& busy;
-      ~release_group() { busy.store(false, std::memory_order_release); }
-    } release{sync_group_busy_};
-    tbb::this_task_arena::isolate([&] { sync_group_.run_and_wait(body); });
-  } else {
-    tbb::task_group_context context(tbb::task_group_context::isolated);
-    tbb::task_group group(context);
-    tbb::this_task_arena::isolate([&] { group.run_and_wait(body); });
+  // Nothing to run: skip the task group, whose run_and_wait is most of an empty step end.
+  if (!first.empty() || (second != nullptr && !second->empty())) {
+    // run_and_wait executes the body on this thread (it is never spawned, so never stolen), and
+    // isolation keeps the wait from picking up unrelated tasks, which inside a parallel_pipeline
+    // filter would re-enter the user's filters.
+    if (!sync_group_busy_.exchange(true, std::memory_order_acquire)) {
+      struct release_group {
+        std::atomic<bool>& busy;
+        ~release_group() { busy.store(false, std::memory_order_release); }
+      } release{sync_group_busy_};
+      tbb::this_task_arena::isolate([&] { sync_group_.run_and_wait(body); });
+    } else {
+      tbb::task_group_context context(tbb::task_group_context::isolated);
+      tbb::task_group group(context);
+      tbb::this_task_arena::isolate([&] { group.run_and_wait(body); });
+    }
+    sync_ran_.fetch_add(ran, std::memory_order_relaxed);
+    if (dropped != 0) sync_dropped_.fetch_add(dropped, std::memory_order_relaxed);
   }
-  sync_ran_.fetch_add(ran, std::memory_order_relaxed);
-  if (dropped != 0) sync_dropped_.fetch_add(dropped, std::memory_order_relaxed);
   pool_.release(std::move(first));
   if (second != nullptr) pool_.release(std::move(*second));
   if (failure) {
