@@ -330,33 +330,30 @@ bool async_queue::wait_until(lock_type& lock, Done done,
 }
 
 void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {
-  const std::size_t n = batch.size();
   std::uint64_t started = started_.load(std::memory_order_relaxed);  // this thread's to write
   std::size_t unreported = 0;  // ran, not yet counted in finished_
   std::size_t discarded = 0;
-  bool failed = false;
   std::exception_ptr error;
   std::vector<closure_batch> behind;
   observed_batch observed(observer_, closure_kind::async, step);
-  batch.consume([&](closure_ref c) noexcept {
-    if (failed) [[unlikely]]
-      return;  // behind a failure in this batch: destroyed unrun
-    if (unreported == release_every) [[unlikely]] {
-      finished(unreported, 0);
-      unreported = 0;
-    }
-    started_.store(++started, std::memory_order_release);
-    ++unreported;
-    // The exception_ptr outlives the handler, so this thread's hold on the exception object is
-    // only `error`, handed over under the queue's lock (the handler's own reference count lives
-    // in uninstrumented libstdc++, invisible to ThreadSanitizer).
-    if (!observed.run(c, error)) [[unlikely]] {
-      // Failure first: a flush that sees this closure finished must also see the failure.
-      lock_type lock(mutex_);
-      discarded = record_failure_locked(std::move(error), behind, n - observed.ran());
-      failed = true;
-    }
-  });
+  // The exception_ptr outlives the handler, so this thread's hold on the exception object is
+  // only `error`, handed over under the queue's lock (the handler's own reference count lives
+  // in uninstrumented libstdc++, invisible to ThreadSanitizer).
+  observed.run_all(
+      batch, error,
+      [&]() noexcept {
+        if (unreported == release_every) [[unlikely]] {
+          finished(unreported, 0);
+          unreported = 0;
+        }
+        started_.store(++started, std::memory_order_release);
+        ++unreported;
+      },
+      [&](std::size_t left) noexcept {
+        // Failure first: a flush that sees this closure finished must also see the failure.
+        lock_type lock(mutex_);
+        discarded = record_failure_locked(std::move(error), behind, left);
+      });
   // Destructors of discarded closures are user code: they ran outside the lock (above), and so
   // do those of the batches queued behind the failure.
   for (closure_batch& b : behind) pool_.release(std::move(b));

@@ -77,7 +77,7 @@ class closure_batch {
   /// Calls `visit(closure_ref)` for every closure in order, destroying each right after its
   /// visit, and leaves the batch empty (keeping its buffers). `visit` must not throw.
   template <class Visit>
-  void consume(Visit&& visit) noexcept;
+  [[gnu::always_inline]] void consume(Visit&& visit) noexcept;
 
   /// Destroys every closure without running it; returns how many there were.
   std::size_t discard() noexcept {
@@ -94,10 +94,13 @@ class closure_batch {
     std::uint32_t count;
   };
 
+  // Always inlined into the caller's loop: then what the visitor keeps per closure (counters,
+  // a failure flag) stays in registers across the closures' indirect calls instead of being
+  // reloaded through a pointer for every closure (~2 ns per closure in B1).
   template <class Visit>
-  static void consume_records(const segment& s, Visit& visit) noexcept;
+  [[gnu::always_inline]] static void consume_records(const segment& s, Visit& visit) noexcept;
   template <class Visit>
-  void consume_segment(const segment& s, Visit& visit) noexcept;
+  [[gnu::always_inline]] void consume_segment(const segment& s, Visit& visit) noexcept;
 
   // A step's batch is nearly always one or two segments: those live inline, so that a batch
   // costs no allocation even before the pool has warmed up.
@@ -135,7 +138,7 @@ class closure_batch {
 void records_done(pending_closures* lane, lane_chunk* chunk, std::uint32_t records) noexcept;
 
 template <class Visit>
-void closure_batch::consume(Visit&& visit) noexcept {
+inline void closure_batch::consume(Visit&& visit) noexcept {
   for (std::uint32_t i = 0; i < inline_count_; ++i) consume_segment(inline_[i], visit);
   for (const segment& s : more_) consume_segment(s, visit);
   inline_count_ = 0;
@@ -145,7 +148,7 @@ void closure_batch::consume(Visit&& visit) noexcept {
 }
 
 template <class Visit>
-void closure_batch::consume_segment(const segment& s, Visit& visit) noexcept {
+inline void closure_batch::consume_segment(const segment& s, Visit& visit) noexcept {
   if (s.lane != nullptr) {
     consume_records(s, visit);
     return;
@@ -158,7 +161,7 @@ void closure_batch::consume_segment(const segment& s, Visit& visit) noexcept {
 }
 
 template <class Visit>
-void closure_batch::consume_records(const segment& s, Visit& visit) noexcept {
+inline void closure_batch::consume_records(const segment& s, Visit& visit) noexcept {
   constexpr std::size_t prefetch_distance = 4 * 64;
   lane_chunk* chunk = s.chunk;
   std::size_t offset = s.offset;

@@ -7,10 +7,12 @@
 // Only when a trace is being recorded is every closure timed.
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <string>
 
+#include "closure_batch.hpp"
 #include "run_time_histogram.hpp"
 #include "stepflow/closure.hpp"
 #include "stepflow/metrics.hpp"
@@ -23,6 +25,10 @@ struct closure_observer {
   std::atomic<std::uint64_t> timed{0};  // closures whose batch time is in sum_ns
   std::atomic<std::uint64_t> sum_ns{0};
   std::atomic<std::uint64_t> blocked_ns{0};  // step ends waiting for room
+  // Closures until the next one timed alone, carried from batch to batch. The sync step end and
+  // the drainer may both run batches of one device at once; then one of them overwrites the
+  // other's count, which only moves the next sample. The first closure ever run is sampled.
+  std::atomic<std::uint32_t> until_sample{1};
   trace_recorder* trace = nullptr;           // null: no trace
   std::uint32_t track = 0;
   std::string depth_counter;  // the trace's queue-depth counter name
@@ -42,9 +48,11 @@ class observed_batch {
         kind_(kind),
         step_(step),
         start_(trace_recorder::now_ns()),
+        until_sample_(observer.until_sample.load(std::memory_order_relaxed)),
         tracing_(observer.trace != nullptr) {}
 
   ~observed_batch() {
+    observer_.until_sample.store(until_sample_, std::memory_order_relaxed);
     observer_.timed.fetch_add(ran_, std::memory_order_relaxed);
     observer_.sum_ns.fetch_add(trace_recorder::now_ns() - start_, std::memory_order_relaxed);
   }
@@ -56,20 +64,65 @@ class observed_batch {
   /// The exception_ptr is made inside the handler but outlives it, so the caller records the
   /// failure after the handler ended.
   bool run(closure_ref c, std::exception_ptr& error) noexcept {
-    if (ran_++ % run_time_sample_every != 0 && !tracing_) [[likely]]
+    ++ran_;
+    const bool sampled = --until_sample_ == 0;
+    if (!sampled && !tracing_) [[likely]]
       return call(c, error);
-    return run_timed(c, error);
+    if (sampled) until_sample_ = run_time_sample_every;
+    return run_timed(c, error, sampled);
   }
   bool run(closure& c, std::exception_ptr& error) noexcept {
     return run(closure_access::ref(c), error);
+  }
+
+  /// Runs the closures of `batch` in order, calling `before_each()` before each one, until one
+  /// throws: what it threw goes to `error`, then `on_failure(left)` is called with the number of
+  /// closures after the failed one, which are then destroyed unrun (so their destructors see
+  /// the failure recorded). Returns how many were destroyed unrun. Leaves `batch` empty.
+  ///
+  /// One loop with its counters in locals, not `run` per closure: the closures are opaque
+  /// calls, so state reached through `this` or a captured reference would be stored and
+  /// reloaded around every one of them.
+  template <class BeforeEach, class OnFailure>
+  std::size_t run_all(closure_batch& batch, std::exception_ptr& error, BeforeEach&& before_each,
+                      OnFailure&& on_failure) noexcept {
+    const std::size_t n = batch.size();
+    std::uint32_t until_sample = until_sample_;
+    const bool tracing = tracing_;
+    std::size_t visited = 0;
+    std::size_t unrun = 0;
+    bool failed = false;
+    batch.consume([&](closure_ref c) noexcept {
+      ++visited;
+      if (failed) [[unlikely]] {
+        ++unrun;
+        return;
+      }
+      before_each();
+      bool ok;
+      const bool sampled = --until_sample == 0;
+      if (!sampled && !tracing) [[likely]] {
+        ok = call(c, error);
+      } else {
+        if (sampled) until_sample = run_time_sample_every;
+        ok = run_timed(c, error, sampled);
+      }
+      if (!ok) [[unlikely]] {
+        failed = true;
+        on_failure(n - visited);
+      }
+    });
+    until_sample_ = until_sample;
+    ran_ += n - unrun;
+    return unrun;
   }
 
   /// Closures run so far.
   std::uint64_t ran() const noexcept { return ran_; }
 
  private:
-  bool run_timed(closure_ref c, std::exception_ptr& error) noexcept {
-    const bool sampled = (ran_ - 1) % run_time_sample_every == 0;
+  [[gnu::noinline]] bool run_timed(closure_ref c, std::exception_ptr& error,
+                                   bool sampled) noexcept {
     const std::uint64_t begin = trace_recorder::now_ns();
     const bool ok = call(c, error);
     const std::uint64_t took = trace_recorder::now_ns() - begin;
@@ -93,6 +146,7 @@ class observed_batch {
   std::uint64_t step_;
   std::uint64_t start_;
   std::uint64_t ran_ = 0;
+  std::uint32_t until_sample_;
   bool tracing_;
 };
 

@@ -21,8 +21,9 @@
 
 namespace stepflow::detail {
 
-/// One closure in 64 is timed individually for the distribution; count and sum come from batch
-/// timing. (The owner of a run loop times closure `i` alone when `i % run_time_sample_every == 0`.)
+/// One closure in 256 is timed individually for the distribution; count and sum come from batch
+/// timing. The count runs across batches (`closure_observer::until_sample`), so a device whose
+/// steps have one closure each is not timed at every step.
 inline constexpr std::uint32_t run_time_sample_every = 256;
 
 /// A histogram of durations in nanoseconds: 4 buckets per power of two (each at most 25% wide

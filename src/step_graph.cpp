@@ -26,7 +26,7 @@ void step_graph::join(device_state& device) {
     std::lock_guard lock(mutex_);
     if (frozen_) return;
     index = participants_.size();
-    participants_.push_back(participant{&device});
+    participants_.emplace_back(&device);
   }
   // Outside mutex_: the listener runs under the queue's lock, which is always taken first.
   device.queue().set_step_listener([this, index](std::uint64_t step) { step_done(index, step); });
@@ -73,10 +73,9 @@ void step_graph::activate_locked() {
   // Build the graph inside stepflow's arena, so its tasks run there, with an isolated context,
   // so that nothing outside (a user's graph or pipeline being cancelled) can cancel it.
   active_ = true;
-  std::uint64_t min_done = std::numeric_limits<std::uint64_t>::max();
-  for (const participant& p : participants_) {
-    if (!p.retired) min_done = std::min(min_done, p.done);
-  }
+  // Before reading `done`: pairs with step_done, which writes `done` before it reads this.
+  active_fast_.store(true);
+  std::uint64_t min_done = min_done_locked();
   if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
   first_wave_ = wave_ = min_done + 1;
   completed_wave_ = min_done;
@@ -103,11 +102,17 @@ void step_graph::activate_locked() {
 }
 
 void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
+  // Every step end of a participant gets here. Until a joined closure or lockstep activates the
+  // graph, nothing waits on `done`, so the common per-device case takes no lock: it publishes
+  // `done` and checks `active_fast_`; activation sets that flag, then reads `done` (both
+  // sequentially consistent, so one side sees the other). The queue calls this under its lock
+  // with rising steps, and participants are fixed by now (the first step end froze them).
+  participant& p = participants_[index];
+  p.done.store(step);
+  if (!active_fast_.load()) return;
   std::size_t signals = 0;
   {
     std::lock_guard lock(mutex_);
-    participant& p = participants_[index];
-    p.done = std::max(p.done, step);
     signals = collect_signals_locked();
   }
   send_signals(signals);
@@ -122,7 +127,7 @@ std::size_t step_graph::collect_signals_locked() noexcept {
   if (!anyone) return 0;
   std::size_t signals = 0;
   for (participant& p : participants_) {
-    if (!p.signaled && (p.retired || p.done >= wave_)) {
+    if (!p.signaled && (p.retired || p.done.load() >= wave_)) {
       p.signaled = true;
       ++signals;
     }
@@ -215,7 +220,7 @@ std::size_t step_graph::discard_all_joined_locked(std::vector<closure>& out) noe
 std::uint64_t step_graph::min_done_locked() const noexcept {
   std::uint64_t min_done = std::numeric_limits<std::uint64_t>::max();
   for (const participant& p : participants_) {
-    if (!p.retired) min_done = std::min(min_done, p.done);
+    if (!p.retired) min_done = std::min(min_done, p.done.load());
   }
   return min_done;
 }

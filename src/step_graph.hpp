@@ -18,6 +18,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -86,8 +87,10 @@ class step_graph {
  private:
   struct participant {
     device_state* device;
-    std::uint64_t done = 0;  // its closures of steps <= done ran
-    bool signaled = false;   // signalled the current wave
+    // Its closures of steps <= done ran. Written by step_done without the lock while the graph
+    // is inactive (see there), so atomic; read under the lock.
+    std::atomic<std::uint64_t> done{0};
+    bool signaled = false;  // signalled the current wave
     bool retired = false;
   };
 
@@ -114,11 +117,12 @@ class step_graph {
   std::unique_ptr<tbb::flow::function_node<std::uint64_t>> complete_;
 
   std::atomic<bool> frozen_fast_{false};  // frozen_, readable without the lock
+  std::atomic<bool> active_fast_{false};  // active_, readable without the lock
   std::atomic<bool> has_failure_{false};  // failed_, readable without the lock
   mutable std::mutex mutex_;
   std::condition_variable progress_;  // a wave completed
   // Guarded by mutex_:
-  std::vector<participant> participants_;
+  std::deque<participant> participants_;  // a deque: participants hold atomics, never move
   bool frozen_ = false;
   bool active_ = false;
   bool stopping_ = false;    // shutdown: no more signals or gates
