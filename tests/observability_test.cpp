@@ -85,6 +85,24 @@ TEST(Metrics, CountEveryOutcomeOfEveryKind) {
   EXPECT_EQ(fmt::format("{}", m), report);
 }
 
+// One closure in 256 is timed alone, counted across batches: a device whose steps each have one
+// closure is not timed at every step (it was, when the count restarted with every batch).
+TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
+  scheduler s(quiet());
+  device_context& d = s.device("d");
+  std::uint64_t calls = 0;
+  for (int step = 0; step < 1000; ++step) {
+    d.add_step_closure([&calls] { ++calls; });
+    d.run_step_closures();
+  }
+  const metrics_snapshot snapshot = s.metrics();
+  const device_metrics& m = row(snapshot, "d");
+  EXPECT_EQ(calls, 1000u);
+  EXPECT_EQ(m.run_time.count, 1000u);
+  // Closures 1, 257, 513 and 769: only the step-ending thread runs this device's batches.
+  EXPECT_EQ(m.run_time.sampled, 4u);
+}
+
 TEST(Metrics, TimeBlockedOnAFullQueueIsMeasured) {
   scheduler s(quiet(1));
   device_context& d = s.device("d");
