@@ -77,27 +77,26 @@ void step_graph::activate_locked() {
   active_fast_.store(true);
   std::uint64_t min_done = min_done_locked();
   if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
-  first_wave_ = wave_ = min_done + 1;
+  wave_ = min_done + 1;
   completed_wave_ = min_done;
   const auto predecessors = static_cast<int>(participants_.size());
   arena_.execute([&] {
     graph_ = std::make_unique<tbb::flow::graph>(graph_context_);
-    join_ = std::make_unique<tbb::flow::continue_node<std::uint64_t>>(
+    // One node, one graph task per wave: it fires once every participant signalled the wave,
+    // and its body runs the wave's joined closures and raises the gates. Waves cannot overlap
+    // or reorder: the signals of wave N+1 are only collected once complete_wave(N) advanced
+    // `wave_`, so no sequencer or serial node is needed behind it (with them a lockstep wave
+    // cost three graph tasks).
+    join_ = std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
         *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
-          std::lock_guard lock(mutex_);
-          return wave_;
-        });
-    // Chained serial nodes can reorder (oneTBB #289, #829): the sequencer restores wave order.
-    order_ = std::make_unique<tbb::flow::sequencer_node<std::uint64_t>>(
-        *graph_,
-        [this](std::uint64_t wave) { return static_cast<std::size_t>(wave - first_wave_); });
-    complete_ = std::make_unique<tbb::flow::function_node<std::uint64_t>>(
-        *graph_, tbb::flow::serial, [this](std::uint64_t wave) {
+          std::uint64_t wave = 0;
+          {
+            std::lock_guard lock(mutex_);
+            wave = wave_;
+          }
           complete_wave(wave);
           return tbb::flow::continue_msg();
         });
-    tbb::flow::make_edge(*join_, *order_);
-    tbb::flow::make_edge(*order_, *complete_);
   });
 }
 

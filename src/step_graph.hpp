@@ -1,18 +1,16 @@
 #pragma once
 // Cross-device ordering: lockstep gates and joined step closures, on a oneTBB flow graph.
 //
-//   device queues --"step N done"--> continue_node(P predecessors) --> sequencer_node
-//        ^                                                              |
-//        |                                                              v
-//        +--------- raise lockstep gates <-- serial function_node: run step N's joined
-//                                            closures, advance to step N+1
+//   device queues --"step N done"--> continue_node(P predecessors): run step N's joined
+//        ^                                closures, advance to step N+1
+//        |                                              |
+//        +------------ raise lockstep gates <-----------+
 //
 // A *wave* is a global step. Each participating device signals the join once per wave, when all
 // its asynchronous closures of that step (and earlier) ran; the continue_node fires after P
-// signals (P = participants, a run-time count), the sequencer keeps waves in order, and the
-// serial node runs the wave's joined closures and then, in lockstep mode, lets every device start
-// the next step. Signals for wave N+1 are only sent after wave N completed, so one continue_node
-// serves every wave.
+// signals (P = participants, a run-time count) and its body runs the wave's joined closures and
+// then, in lockstep mode, lets every device start the next step. Signals for wave N+1 are only
+// sent after wave N completed, so one continue_node serves every wave, in order.
 
 #include <atomic>
 #include <chrono>
@@ -112,9 +110,7 @@ class step_graph {
   // Built inside the arena (a graph runs its tasks in the arena that constructs it), on
   // activation, once the number of participants is final.
   std::unique_ptr<tbb::flow::graph> graph_;
-  std::unique_ptr<tbb::flow::continue_node<std::uint64_t>> join_;
-  std::unique_ptr<tbb::flow::sequencer_node<std::uint64_t>> order_;
-  std::unique_ptr<tbb::flow::function_node<std::uint64_t>> complete_;
+  std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>> join_;
 
   std::atomic<bool> frozen_fast_{false};  // frozen_, readable without the lock
   std::atomic<bool> active_fast_{false};  // active_, readable without the lock
@@ -127,7 +123,6 @@ class step_graph {
   bool active_ = false;
   bool stopping_ = false;    // shutdown: no more signals or gates
   std::size_t sending_ = 0;  // collected signal batches not yet enqueued
-  std::uint64_t first_wave_ = 1;
   std::uint64_t wave_ = 1;            // the wave being joined
   std::uint64_t completed_wave_ = 0;  // joined closures of waves <= this ran
   std::map<std::uint64_t, std::vector<closure>> joined_;
