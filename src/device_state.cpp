@@ -91,7 +91,10 @@ void device_state::run_step_closures() {
 void device_state::take(pending_closures& lane, closure_batch& out) {
   // A step that added nothing of this kind costs no trip to the pool.
   if (!lane.has_untaken()) return;
-  out = pool_.acquire();
+  // The owner's records make one segment, which a batch holds inline; only closures added by
+  // other threads are held in the batch's buffers, which come from the pool. (One added between
+  // this check and the take costs the batch an allocation, once: the pool keeps it afterwards.)
+  if (lane.has_shared_untaken()) out = pool_.acquire();
   lane.take(out);
 }
 

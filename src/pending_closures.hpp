@@ -34,6 +34,12 @@ class pending_closures : public closure_lane_tail {
            shared_count_.load(std::memory_order_acquire) != shared_taken_;
   }
 
+  /// Whether closures added by other threads than the owner wait to be taken: only those need
+  /// a batch with buffers (the owner's records always make one inline segment).
+  bool has_shared_untaken() const noexcept {
+    return shared_count_.load(std::memory_order_acquire) != shared_taken_;
+  }
+
   /// Appends every closure added before the call to `out`, in order. One caller at a time
   /// (the device's take lock); concurrent adds are fine.
   void take(closure_batch& out);
