@@ -251,6 +251,35 @@ TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
   EXPECT_EQ(ran.load(), 6);
 }
 
+// A step end inside a oneTBB task whose context the user cancels: the sync closures still get
+// their own context, so their nested parallel work runs in full. (Outside any task they run as
+// plain calls; inside one, through the device's isolated task group: this is the case that
+// tells the two apart.)
+TEST_P(Scheduler, SyncClosuresOfAStepEndInACancelledTaskKeepTheirNestedWork) {
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  std::atomic<int> nested{0};
+  std::atomic<int> outside{0};
+  tbb::task_group_context user;
+  testing::before_tbb_algorithm();
+  tbb::parallel_for(
+      0, 1,
+      [&](int) {
+        testing::tbb_body_scope scope;
+        user.cancel_group_execution();
+        d.add_step_closure([&] { tbb::parallel_for(0, 1000, [&](int) { ++nested; }); });
+        d.run_step_closures();
+      },
+      user);
+  testing::after_tbb_algorithm();
+  EXPECT_TRUE(user.is_group_execution_cancelled());
+  EXPECT_EQ(nested.load(), 1000);
+  // From the test's own thread, outside any task.
+  d.add_step_closure([&] { tbb::parallel_for(0, 1000, [&](int) { ++outside; }); });
+  d.run_step_closures();
+  EXPECT_EQ(outside.load(), 1000);
+}
+
 TEST_P(Scheduler, MemoryStaysFlatWhileTheProducerOutpacesTheClosures) {
   // 50,000 steps of closures slower than their producer: with the default bound the queue never
   // holds more than 100 of them, so the peak number alive stays bounded whatever the step count.
