@@ -84,6 +84,7 @@ class step_graph {
 
  private:
   struct participant {
+    explicit participant(device_state* d) noexcept : device(d) {}
     device_state* device;
     // Its closures of steps <= done ran. Written by step_done without the lock while the graph
     // is inactive (see there), so atomic; read under the lock.
