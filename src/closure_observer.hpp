@@ -65,11 +65,7 @@ class observed_batch {
   /// failure after the handler ended.
   bool run(closure_ref c, std::exception_ptr& error) noexcept {
     ++ran_;
-    const bool sampled = --until_sample_ == 0;
-    if (!sampled && !tracing_) [[likely]]
-      return call(c, error);
-    if (sampled) until_sample_ = run_time_sample_every;
-    return run_timed(c, error, sampled);
+    return run_counted(c, error, until_sample_);
   }
   bool run(closure& c, std::exception_ptr& error) noexcept {
     return run(closure_access::ref(c), error);
@@ -88,7 +84,6 @@ class observed_batch {
                       OnFailure&& on_failure) noexcept {
     const std::size_t n = batch.size();
     std::uint32_t until_sample = until_sample_;
-    const bool tracing = tracing_;
     std::size_t visited = 0;
     std::size_t unrun = 0;
     bool failed = false;
@@ -99,15 +94,7 @@ class observed_batch {
         return;
       }
       before_each();
-      bool ok;
-      const bool sampled = --until_sample == 0;
-      if (!sampled && !tracing) [[likely]] {
-        ok = call(c, error);
-      } else {
-        if (sampled) until_sample = run_time_sample_every;
-        ok = run_timed(c, error, sampled);
-      }
-      if (!ok) [[unlikely]] {
+      if (!run_counted(c, error, until_sample)) [[unlikely]] {
         failed = true;
         on_failure(n - visited);
       }
@@ -121,6 +108,16 @@ class observed_batch {
   std::uint64_t ran() const noexcept { return ran_; }
 
  private:
+  /// Calls `c`, timed alone when `until_sample` counts down to zero (then restarted) or when
+  /// tracing.
+  bool run_counted(closure_ref c, std::exception_ptr& error, std::uint32_t& until_sample) noexcept {
+    const bool sampled = --until_sample == 0;
+    if (!sampled && !tracing_) [[likely]]
+      return call(c, error);
+    if (sampled) until_sample = run_time_sample_every;
+    return run_timed(c, error, sampled);
+  }
+
   [[gnu::noinline]] bool run_timed(closure_ref c, std::exception_ptr& error,
                                    bool sampled) noexcept {
     const std::uint64_t begin = trace_recorder::now_ns();
