@@ -9,8 +9,16 @@
 // variables, bounded at 100, one consumer std::thread).
 //
 // Target: stepflow >= 30x faster than (a) and than (b), and <= 10 ns per closure end to end.
+//
+// B2_loaded (not a target): the same 48-byte rows while one busy thread per CPU competes for the
+// CPUs, as data-loading processes or a build beside a training loop would. It shows how each
+// design degrades when no CPU is free (stepflow's waits spin only while a CPU is).
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <thread>
+#include <vector>
 
 #include "baselines.hpp"
 #include "bench_support.hpp"
@@ -21,6 +29,38 @@ namespace {
 using namespace stepflow_bench;
 
 constexpr std::size_t queue_bound = 100;
+
+/// Other work that keeps every CPU busy while it lives: one thread per CPU in a loop that never
+/// yields or sleeps.
+class busy_cpus {
+ public:
+  busy_cpus() {
+    const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 0; i < cpus; ++i) {
+      threads_.emplace_back([this] {
+        while (!stop_.load(std::memory_order_relaxed)) {
+        }
+      });
+    }
+  }
+  ~busy_cpus() {
+    stop_.store(true, std::memory_order_relaxed);
+    for (std::thread& t : threads_) t.join();
+  }
+  busy_cpus(const busy_cpus&) = delete;
+  busy_cpus& operator=(const busy_cpus&) = delete;
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
+/// Runs `bench(state)` with every CPU kept busy by other threads.
+template <void (*Bench)(benchmark::State&)>
+void loaded(benchmark::State& state) {
+  const busy_cpus load;
+  Bench(state);
+}
 
 /// Runs the B2 loop on any device type with add(f) / run_step_closures() / flush().
 template <std::size_t Bytes, class AddOne, class EndStep, class Flush>
@@ -87,6 +127,12 @@ void async_torch_port(benchmark::State& state) {
   });
 }
 
+void loaded_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"capture", "per_step", "total", "bound"});
+  b->Args({48, 100, 1'000'000, queue_bound});
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1);
+}
+
 void async_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"capture", "per_step", "total", "bound"});
   for (std::int64_t capture : {16, 48}) b->Args({capture, 100, 1'000'000, queue_bound});
@@ -109,5 +155,11 @@ BENCHMARK(async_task_per_closure)
     ->Apply(async_args)
     ->Iterations(1);
 BENCHMARK(async_torch_port)->Name("B2_async/torch_port")->Apply(async_args)->Iterations(1);
+// Under load one iteration each: the slowest took seconds before stepflow stopped spinning there.
+BENCHMARK(loaded<async_stepflow>)->Name("B2_loaded/stepflow")->Apply(loaded_args);
+BENCHMARK(loaded<async_task_per_closure>)
+    ->Name("B2_loaded/tbb_task_per_closure")
+    ->Apply(loaded_args);
+BENCHMARK(loaded<async_torch_port>)->Name("B2_loaded/torch_port")->Apply(loaded_args);
 
 STEPFLOW_BENCHMARK_MAIN();

@@ -372,6 +372,16 @@ def section_b2(res: Results) -> str:
     if wide is not None:
         out += ("\n\nDiagnosis (not a target): stepflow, 48 B, with a queue bound of 1000 instead "
                 f"of 100: {fmt_num(ns(wide))} ns/closure.")
+    loaded = [res.find("B2_loaded", impl, capture=48)
+              for impl in ("stepflow", "tbb_task_per_closure", "torch_port")]
+    if any(r is not None for r in loaded):
+        ours, a, b = (ns(r) for r in loaded)
+        out += ("\n\nUnder load (not a target): the 48 B row while one busy thread per CPU "
+                "competes for the CPUs (`B2_loaded`):\n\n"
+                + table(["stepflow ns/closure", "(a) task per closure ns", "(b) torch port ns",
+                         "vs (a)", "vs (b)"],
+                        [[fmt_num(ours), fmt_num(a), fmt_num(b), fmt_ratio(a, ours),
+                          fmt_ratio(b, ours)]]))
     floor = sorted(res.all("B2_floor", "spsc_64B_records"),
                    key=lambda r: (r.args.get("in_flight", 0), r.args.get("ring", 0)))
     if floor:
