@@ -5,6 +5,8 @@
 
 #include <utility>
 
+#include <oneapi/tbb/info.h>
+
 #include "closure_observer.hpp"
 #include "enqueue_task.hpp"
 #include "thread_frames.hpp"
@@ -31,36 +33,48 @@ constexpr std::uint64_t linger_ns = 100'000;
 // within microseconds, and sleeping costs a wake-up.
 constexpr std::uint64_t room_spin_ns = 20'000;
 
-// A yield that took longer than this ran other threads' work: the machine has no free CPU.
+// A yield that took longer than this ran other threads' work: no CPU was free.
 // (Measured here, two threads yielding for 3 s: ~1 yield a second took over 1 ms on the idle
 // machine, while 80 took over 20 us; beside two busy loops, ~200 a second took over 1 ms.)
 constexpr std::uint64_t descheduled_ns = 1'000'000;
 // After that, nobody spins for this long: every yield could cost a whole time slice.
 constexpr std::uint64_t oversubscribed_pause_ns = 20'000'000;
-// When (now_ns) spinning may be tried again; process-wide, as the CPUs are.
+// Process-wide, as the CPUs are: when (now_ns) spinning may be tried again, and how many
+// threads spin now.
 std::atomic<std::uint64_t> no_spinning_until_ns{0};
+std::atomic<int> threads_spinning{0};
 
 /// Polls `ready` for up to `budget_ns`, yielding between polls; true as soon as it holds.
 /// Yielding (not pause-spinning) because on a machine without a free CPU the thread that would
 /// make `ready` true needs this one's; spacing the polls by pause instructions instead measured
 /// no better in B2 on two CPUs.
-/// But a yield only costs little while some CPU is idle. When other processes keep every CPU
-/// busy, CFS puts a yielder behind all of them, and each yield costs a time slice (strace of B2
-/// beside two busy loops on the two CPUs: 1.5 ms per sched_yield, 16 us per closure instead of
-/// 32 ns, where the torch port took 2.7 us and a oneTBB task per closure 0.5 us), while a thread
-/// that blocks is woken ahead of them. So a yield that comes back late stops all spinning for
-/// `oversubscribed_pause_ns`: waiters block at once and drainers do not linger (then B2 under
-/// that load: 40-46 ns per closure; B2_loaded in bench/async_bench.cpp).
+///
+/// But a yield only costs little while no other process wants the CPU. When other processes
+/// keep every CPU busy, CFS puts a yielder behind all of them and each yield can cost a time
+/// slice (strace of B2 beside two busy loops on the two CPUs: 1.5 ms per sched_yield, 16 us per
+/// closure instead of 32 ns, where the torch port took 2.7 us and a oneTBB task per closure
+/// 0.5 us), while a thread that blocks is woken ahead of them. So a yield that comes back late
+/// stops all spinning for `oversubscribed_pause_ns`: waiters block at once and drainers do not
+/// linger (B2_loaded in bench/async_bench.cpp: 37-108 ns per closure). Not when this process's
+/// own spinning threads outnumber the CPUs (B6 with 8 producer threads on 2 CPUs): then the
+/// yields pass the CPUs among them, which is what they need, and blocking instead measured 3-4x
+/// slower there.
 template <class Ready>
 bool spin_until(Ready ready, std::uint64_t budget_ns) {
+  static const int cpus = std::max(1, tbb::info::default_concurrency());
   const std::uint64_t began = trace_recorder::now_ns();
   if (began < no_spinning_until_ns.load(std::memory_order_relaxed)) return ready();
+  threads_spinning.fetch_add(1, std::memory_order_relaxed);
+  struct leave {
+    ~leave() { threads_spinning.fetch_sub(1, std::memory_order_relaxed); }
+  } spinning;
   std::uint64_t before = began;
   for (;;) {
     if (ready()) return true;
     std::this_thread::yield();
     const std::uint64_t now = trace_recorder::now_ns();
-    if (now - before >= descheduled_ns) {
+    if (now - before >= descheduled_ns &&
+        threads_spinning.load(std::memory_order_relaxed) <= cpus) {
       no_spinning_until_ns.store(now + oversubscribed_pause_ns, std::memory_order_relaxed);
       return ready();
     }
