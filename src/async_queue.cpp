@@ -40,9 +40,18 @@ constexpr std::uint64_t descheduled_ns = 1'000'000;
 // After that, nobody spins for this long: every yield could cost a whole time slice.
 constexpr std::uint64_t oversubscribed_pause_ns = 20'000'000;
 // Process-wide, as the CPUs are: when (now_ns) spinning may be tried again, and how many
-// threads spin now.
+// threads wait in a queue now (spinning, or blocked after spinning).
 std::atomic<std::uint64_t> no_spinning_until_ns{0};
-std::atomic<int> threads_spinning{0};
+std::atomic<int> threads_waiting{0};
+
+/// Counts the calling thread in `threads_waiting` while it lives.
+class waiting_scope {
+ public:
+  waiting_scope() noexcept { threads_waiting.fetch_add(1, std::memory_order_relaxed); }
+  ~waiting_scope() { threads_waiting.fetch_sub(1, std::memory_order_relaxed); }
+  waiting_scope(const waiting_scope&) = delete;
+  waiting_scope& operator=(const waiting_scope&) = delete;
+};
 
 /// Polls `ready` for up to `budget_ns`, yielding between polls; true as soon as it holds.
 /// Yielding (not pause-spinning) because on a machine without a free CPU the thread that would
@@ -55,26 +64,25 @@ std::atomic<int> threads_spinning{0};
 /// closure instead of 32 ns, where the torch port took 2.7 us and a oneTBB task per closure
 /// 0.5 us), while a thread that blocks is woken ahead of them. So a yield that comes back late
 /// stops all spinning for `oversubscribed_pause_ns`: waiters block at once and drainers do not
-/// linger (B2_loaded in bench/async_bench.cpp: 37-108 ns per closure). Not when this process's
-/// own spinning threads outnumber the CPUs (B6 with 8 producer threads on 2 CPUs): then the
-/// yields pass the CPUs among them, which is what they need, and blocking instead measured 3-4x
-/// slower there.
+/// linger (B2_loaded in bench/async_bench.cpp: 37-108 ns per closure). Not when more of this
+/// process's threads wait in queues than there are CPUs: then the late yields passed the CPUs
+/// among them, which is what they need. The cost is where a process's own threads outnumber
+/// the CPUs without waiting in queues: B6 with 8 producer threads on 2 CPUs, lockstep, one
+/// closure per step, measured 15-24 us per global step against 11-15 without this rule (late
+/// yields there came with 1-2 threads waiting, so they stop spinning; always stopping measured
+/// ~50 us).
 template <class Ready>
 bool spin_until(Ready ready, std::uint64_t budget_ns) {
   static const int cpus = std::max(1, tbb::info::default_concurrency());
   const std::uint64_t began = trace_recorder::now_ns();
   if (began < no_spinning_until_ns.load(std::memory_order_relaxed)) return ready();
-  threads_spinning.fetch_add(1, std::memory_order_relaxed);
-  struct leave {
-    ~leave() { threads_spinning.fetch_sub(1, std::memory_order_relaxed); }
-  } spinning;
   std::uint64_t before = began;
   for (;;) {
     if (ready()) return true;
     std::this_thread::yield();
     const std::uint64_t now = trace_recorder::now_ns();
     if (now - before >= descheduled_ns &&
-        threads_spinning.load(std::memory_order_relaxed) <= cpus) {
+        threads_waiting.load(std::memory_order_relaxed) <= cpus) {
       no_spinning_until_ns.store(now + oversubscribed_pause_ns, std::memory_order_relaxed);
       return ready();
     }
@@ -162,6 +170,7 @@ void async_queue::wait_admitted_slow(std::uint64_t ticket) {
     note_high_water();
     return;
   }
+  const waiting_scope waiting;
   const std::uint64_t began = trace_recorder::now_ns();
   struct account_blocked {
     closure_observer& observer;
@@ -283,6 +292,7 @@ bool async_queue::linger(lock_type& lock) noexcept {
   const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
   lock.unlock();
   bool changed = false;
+  const waiting_scope waiting;
   spin_until(
       [&] {
         changed = changes_.load(std::memory_order_acquire) != seen;
