@@ -81,8 +81,7 @@ bool spin_until(Ready ready, std::uint64_t budget_ns) {
     if (ready()) return true;
     std::this_thread::yield();
     const std::uint64_t now = trace_recorder::now_ns();
-    if (now - before >= descheduled_ns &&
-        threads_waiting.load(std::memory_order_relaxed) <= cpus) {
+    if (now - before >= descheduled_ns && threads_waiting.load(std::memory_order_relaxed) <= cpus) {
       no_spinning_until_ns.store(now + oversubscribed_pause_ns, std::memory_order_relaxed);
       return ready();
     }

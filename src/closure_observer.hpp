@@ -29,7 +29,7 @@ struct closure_observer {
   // the drainer may both run batches of one device at once; then one of them overwrites the
   // other's count, which only moves the next sample. The first closure ever run is sampled.
   std::atomic<std::uint32_t> until_sample{1};
-  trace_recorder* trace = nullptr;           // null: no trace
+  trace_recorder* trace = nullptr;  // null: no trace
   std::uint32_t track = 0;
   std::string depth_counter;  // the trace's queue-depth counter name
 

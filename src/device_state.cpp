@@ -110,7 +110,8 @@ void device_state::run_inline(closure_batch& first, closure_batch* second, std::
       return;
     }
     observed_batch observed(observer_, kind, step);
-    dropped += observed.run_all(batch, failure, [] {}, [](std::size_t) {});
+    dropped += observed.run_all(
+        batch, failure, [] {}, [](std::size_t) {});
     ran += observed.ran();
   };
   const auto body = [&] {

@@ -122,8 +122,8 @@ class step_graph {
   std::deque<participant> participants_;  // a deque: participants hold atomics, never move
   bool frozen_ = false;
   bool active_ = false;
-  bool stopping_ = false;    // shutdown: no more signals or gates
-  std::size_t sending_ = 0;  // collected signal batches not yet enqueued
+  bool stopping_ = false;             // shutdown: no more signals or gates
+  std::size_t sending_ = 0;           // collected signal batches not yet enqueued
   std::uint64_t wave_ = 1;            // the wave being joined
   std::uint64_t completed_wave_ = 0;  // joined closures of waves <= this ran
   std::map<std::uint64_t, std::vector<closure>> joined_;
