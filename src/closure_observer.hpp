@@ -89,14 +89,13 @@ class observed_batch {
     bool failed = false;
     batch.consume([&](closure_ref c) noexcept {
       ++visited;
-      if (failed) [[unlikely]] {
-        ++unrun;
+      if (failed) [[unlikely]]
         return;
-      }
       before_each();
       if (!run_counted(c, error, until_sample)) [[unlikely]] {
         failed = true;
-        on_failure(n - visited);
+        unrun = n - visited;
+        on_failure(unrun);
       }
     });
     until_sample_ = until_sample;
