@@ -8,7 +8,7 @@
 #include <oneapi/tbb/info.h>
 
 #include "closure_observer.hpp"
-#include "enqueue_task.hpp"
+#include "start_task.hpp"
 #include "thread_frames.hpp"
 
 namespace stepflow::detail {
@@ -140,9 +140,10 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
       discarded_count_.fetch_add(n);
     }
     const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed);
-    publish_progress_locked();
+    const std::uint64_t done = progress_to_report_locked();
     lock.unlock();
     pool_.release(std::move(batch));  // destroys the closures outside the lock
+    report_progress(done);
     return ticket;
   }
   if (ring_size_ == 0 && running_step_ == 0 && !lingering_) {
@@ -206,22 +207,57 @@ bool async_queue::runnable_locked() const noexcept {
   return ring_size_ != 0 && ring_[ring_head_].step <= gate_;
 }
 
-void async_queue::publish_progress_locked() noexcept {
+std::uint64_t async_queue::progress_to_report_locked() noexcept {
   std::uint64_t done = last_step_;
   if (ring_size_ != 0) done = std::min(done, ring_[ring_head_].step - 1);
   if (running_step_ != 0) done = std::min(done, running_step_ - 1);
-  if (done <= done_step_) return;
-  done_step_ = done;
-  if (step_listener_) step_listener_(done);
-  if (waiters_.load() > 0) progress_.notify_all();
+  if (done <= reported_step_) return 0;
+  reported_step_ = done;
+  return done;
 }
 
-void async_queue::set_gate(std::uint64_t max_step) noexcept {
+void async_queue::report_progress(std::uint64_t done) noexcept {
+  if (done == 0) return;
+  // Without the lock: the listener's work (the step graph's signals) would otherwise keep a
+  // producer that reserves on this queue waiting on the lock (measured in B6 lockstep: the
+  // producer blocked in futex_wait behind the drainer's signals, 8% of its time).
+  if (step_listener_) step_listener_(done);
+  // Only now, so that a flush that sees the step done knows that the listener saw it too.
+  std::uint64_t seen = done_step_.load(std::memory_order_relaxed);
+  while (seen < done && !done_step_.compare_exchange_weak(seen, done)) {
+  }
+  // Dekker with wait_until, as in finished().
+  if (waiters_.load() > 0) {
+    lock_type lock(mutex_);
+    progress_.notify_all();
+  }
+}
+
+void async_queue::set_gate(std::uint64_t max_step, gate_drainer drainer) noexcept {
   lock_type lock(mutex_);
   gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
   announce_change_locked();
-  call_drainer_locked();
+  if (drainer == gate_drainer::caller && !draining_) {
+    // Promised like a pending task: a waiter leaves it the grace period before draining itself.
+    drain_promised_ = true;
+    drainer_called_ns_ = trace_recorder::now_ns();
+  } else {
+    call_drainer_locked();
+  }
   if (waiters_.load() > 0) progress_.notify_all();
+}
+
+void async_queue::drain_here() noexcept {
+  lock_type lock(mutex_);
+  drain_promised_ = false;
+  if (draining_ || !runnable_locked()) return;
+  // A lingering drainer sees the role taken when it wakes, and leaves; a pending drainer task
+  // finds it taken, or nothing left to run.
+  draining_ = true;
+  const std::uint64_t done = drain_locked(lock, [] { return false; });
+  release_drain_role_locked();
+  lock.unlock();
+  report_progress(done);
 }
 
 void async_queue::start_gated(std::uint64_t max_step) noexcept {
@@ -235,7 +271,7 @@ void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener)
 }
 
 bool async_queue::drainer_about_to_start_locked() const noexcept {
-  return (task_pending_ || lingering_) &&
+  return (task_pending_ || lingering_ || drain_promised_) &&
          trace_recorder::now_ns() - drainer_called_ns_ < drainer_start_grace_ns;
 }
 
@@ -257,7 +293,7 @@ void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
   drainer_called_ns_ = trace_recorder::now_ns();
   // The task only claims the drain role; run_drainer_task is noexcept.
-  enqueue_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
+  start_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
 }
 
 void async_queue::run_drainer_task() noexcept {
@@ -266,30 +302,36 @@ void async_queue::run_drainer_task() noexcept {
   // A waiting thread took the role meanwhile; it reschedules a task if it leaves work behind.
   if (draining_) return;
   draining_ = true;
+  std::uint64_t unreported = 0;
   for (;;) {
-    drain_locked(lock, [] { return false; });
+    unreported = std::max(unreported, drain_locked(lock, [] { return false; }));
     // Lingering, this thread gives the role up: a lingerer that the OS has descheduled (the
     // machine is oversubscribed) must not hold up a producer that needs room, which takes the
     // role after the grace period (`drainer_about_to_start_locked`).
     draining_ = false;
     lingering_ = true;
     if (waiters_.load() > 0) progress_.notify_all();
-    const bool again = linger(lock);
+    const bool again = linger(lock, unreported);
     lingering_ = false;
     if (!again || draining_ || !runnable_locked()) break;
     draining_ = true;
   }
   if (!draining_) release_drain_role_locked();
+  lock.unlock();
+  report_progress(unreported);
 }
 
-bool async_queue::linger(lock_type& lock) noexcept {
+bool async_queue::linger(lock_type& lock, std::uint64_t& unreported) noexcept {
   // Called with the lock held and nothing runnable; returns with it held, true when there is
   // work again. When work last came after a longer pause than lingering would wait, lingering
   // would only keep a worker from the application: leave at once.
   idle_since_ns_ = trace_recorder::now_ns();
   if (stop_lingering_ || last_idle_gap_ns_ > linger_ns) return false;
+  // Closures wait behind a lockstep gate: the wave that raises it also starts their drainer.
+  if (ring_size_ != 0) return false;
   const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
   lock.unlock();
+  report_progress(std::exchange(unreported, 0));
   bool changed = false;
   const waiting_scope waiting;
   spin_until(
@@ -304,7 +346,10 @@ bool async_queue::linger(lock_type& lock) noexcept {
 }
 
 template <class Stop>
-void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
+std::uint64_t async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
+  // The step completed by the batch before: reported while the next one runs, or by the caller
+  // once it lets the lock go, since the report is made without the lock (report_progress).
+  std::uint64_t unreported = 0;
   async_frame frame;
   // Isolation: a closure that waits on its own TBB work must not pick up another device's
   // drainer task and run it nested on this stack.
@@ -317,14 +362,16 @@ void async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
       --ring_size_;
       const std::uint64_t step = running_step_;
       lock.unlock();
+      report_progress(std::exchange(unreported, 0));
       run_batch(batch, step);
       pool_.release(std::move(batch));
       lock.lock();
       running_step_ = 0;
-      publish_progress_locked();
       trace_depth_locked();
+      unreported = progress_to_report_locked();
     }
   });
+  return unreported;
 }
 
 void async_queue::release_drain_role_locked() noexcept {
@@ -350,8 +397,13 @@ bool async_queue::wait_until(lock_type& lock, Done done,
       // Nobody is running closures (no free worker, or the task did not start in time): do it
       // here rather than wait on a worker that may never come.
       draining_ = true;
-      drain_locked(lock, done);
+      const std::uint64_t step = drain_locked(lock, done);
       release_drain_role_locked();
+      if (step != 0) {
+        lock.unlock();
+        report_progress(step);
+        lock.lock();
+      }
       continue;
     }
     // Dekker with finished(): the drainer updates the counters and then reads waiters_; this
@@ -383,6 +435,7 @@ void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {
   std::exception_ptr error;
   std::vector<closure_batch> behind;
   observed_batch observed(observer_, closure_kind::async, step);
+  const user_code_scope user_code;
   // The exception_ptr outlives the handler, so this thread's hold on the exception object is
   // only `error`, handed over under the queue's lock (the handler's own reference count lives
   // in uninstrumented libstdc++, invisible to ThreadSanitizer).
@@ -492,8 +545,11 @@ async_queue_counts async_queue::counts() const noexcept {
 void async_queue::wait_for_idle() noexcept {
   lock_type lock(mutex_);
   // Everything reserved runs or is discarded, so the ring empties; a lingering drainer counts
-  // as idle.
-  wait_until(lock, [this] { return ring_size_ == 0 && running_step_ == 0; });
+  // as idle. Idle includes the step listener having heard of every step done (shutdown then
+  // waits for the joined closures those steps release).
+  wait_until(lock, [this] {
+    return ring_size_ == 0 && running_step_ == 0 && done_step_.load() >= reported_step_;
+  });
 }
 
 void async_queue::shutdown() noexcept {
@@ -506,9 +562,9 @@ void async_queue::shutdown() noexcept {
   // Tasks that were enqueued but found the work done still have to start and finish before the
   // queue's memory goes away.
   try {
-    arena_.execute([this] { drainer_tasks_.wait(); });
-    // The tasks' ends were released on this key (enqueue_task); wait() is their join.
-    tsan_acquire(&tsan_task_handoff_key);
+    // The tasks' ends were released on the hand-over key (start_task); wait() is their join,
+    // and execute_in_arena acquires that key after it.
+    execute_in_arena(arena_, [this] { drainer_tasks_.wait(); });
   } catch (...) {
     // Drainer tasks never throw; nothing to report.
   }

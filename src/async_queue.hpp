@@ -95,13 +95,23 @@ class async_queue {
   /// The gate only rises (a lower value is ignored).
   /// `no_gate` (the default) lets every step run.
   static constexpr std::uint64_t no_gate = std::numeric_limits<std::uint64_t>::max();
-  void set_gate(std::uint64_t max_step) noexcept;
+  /// Who runs the closures a raised gate lets through: a drainer task (`task`), or the caller,
+  /// who promises to call `drain_here` next (`caller`). A thread waiting on the queue leaves
+  /// that promise the same grace period as a pending task before it drains itself, so a caller
+  /// held up elsewhere (a closure of another device it drains first) cannot stall the queue.
+  enum class gate_drainer { task, caller };
+  void set_gate(std::uint64_t max_step, gate_drainer drainer = gate_drainer::task) noexcept;
+  /// Runs the runnable closures on the calling thread, unless someone else holds the drain role.
+  /// Precondition: not inside an asynchronous closure.
+  void drain_here() noexcept;
   /// Closes the gate at `max_step` (it starts open). Call before the first `reserve`.
   void start_gated(std::uint64_t max_step) noexcept;
 
   /// Called with step S when every closure of the steps up to S has run or been discarded
-  /// (S never decreases; steps may be skipped). Called under the queue's lock: it must not call
-  /// back into this queue. Set before the first `reserve`.
+  /// (steps may be skipped). Called without the queue's lock, and possibly from two threads at
+  /// once, so S may arrive out of order: the listener keeps the largest. A flush returns only
+  /// after the listener returned for every step handed over before it. Set before the first
+  /// `reserve`.
   void set_step_listener(std::function<void(std::uint64_t)> listener);
 
   /// The recorded failure, if any, exactly once; the queue then accepts closures again.
@@ -129,15 +139,16 @@ class async_queue {
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
   bool runnable_locked() const noexcept;
   bool drainer_about_to_start_locked() const noexcept;
-  void publish_progress_locked() noexcept;
+  std::uint64_t progress_to_report_locked() noexcept;
+  void report_progress(std::uint64_t done) noexcept;
   void note_high_water() noexcept;
   void announce_change_locked() noexcept;
   void call_drainer_locked();
   void schedule_drainer_locked();
   void run_drainer_task() noexcept;
   template <class Stop>
-  void drain_locked(lock_type& lock, Stop stop) noexcept;
-  bool linger(lock_type& lock) noexcept;
+  std::uint64_t drain_locked(lock_type& lock, Stop stop) noexcept;
+  bool linger(lock_type& lock, std::uint64_t& unreported) noexcept;
   void release_drain_role_locked() noexcept;
   template <class Done>
   bool wait_until(lock_type& lock, Done done,
@@ -168,14 +179,15 @@ class async_queue {
   std::vector<queued_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
-  std::uint64_t gate_ = no_gate;    // largest step whose closures may start
-  std::uint64_t last_step_ = 0;     // step of the latest reserve
-  std::uint64_t running_step_ = 0;  // step of the batch being run, 0 when none
-  std::uint64_t done_step_ = 0;     // every closure of steps <= done_step_ ran or was discarded
+  std::uint64_t gate_ = no_gate;     // largest step whose closures may start
+  std::uint64_t last_step_ = 0;      // step of the latest reserve
+  std::uint64_t running_step_ = 0;   // step of the batch being run, 0 when none
+  std::uint64_t reported_step_ = 0;  // largest step handed to report_progress
   std::function<void(std::uint64_t)> step_listener_;
   bool draining_ = false;                // someone holds the right to run closures
   bool task_pending_ = false;            // a drainer task is enqueued and has not started
   bool lingering_ = false;               // a drainer waits for work without holding the role
+  bool drain_promised_ = false;          // set_gate's caller drains next (gate_drainer::caller)
   bool stop_lingering_ = false;          // shutdown: a lingering drainer leaves at once
   std::uint64_t drainer_called_ns_ = 0;  // when a task was enqueued or the lingerer had work
   std::uint64_t idle_since_ns_ = 0;      // when the drainer last found nothing to run
@@ -193,9 +205,11 @@ class async_queue {
   // missed the cache whenever it shared a line with `finished_`).
   // The drainer's, per closure; polled by producers short of room:
   alignas(64) std::atomic<std::uint64_t> started_{0};  // ran, running or discarded
-  // The drainer's, every 16 closures:
+  // The drainer's, every 16 closures and per step:
   alignas(64) std::atomic<std::uint64_t> finished_{0};  // ran or discarded
   std::atomic<std::uint64_t> ran_count_{0};
+  // Per step: every closure of steps <= this ran or was discarded, and the step listener heard.
+  std::atomic<std::uint64_t> done_step_{0};
   // The producers', per step (under mutex_):
   alignas(64) std::atomic<std::uint64_t> reserved_{0};  // flush tickets
   std::atomic<std::uint64_t> forced_{0};                // admitted beyond the capacity

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include <fmt/format.h>
-#include <oneapi/tbb/info.h>
+#include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
 #include "device_state.hpp"
@@ -25,6 +25,17 @@
 
 namespace stepflow {
 namespace detail {
+namespace {
+
+/// oneTBB's workers: the thread limit in force (a tbb::global_control, by default the number of
+/// cores) minus the application's thread.
+int worker_pool_size() {
+  const std::size_t limit =
+      tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism);
+  return static_cast<int>(std::max<std::size_t>(2, limit) - 1);
+}
+
+}  // namespace
 
 class scheduler_state {
  public:
@@ -32,10 +43,10 @@ class scheduler_state {
       : owner_(owner),
         options_(opts),
         // Only stepflow's drainer tasks run here, so no slot is reserved for an application
-        // thread; sized to the worker pool (cores - 1), since asking for more workers than exist
-        // makes oneTBB print a warning.
+        // thread; sized to the worker pool (the thread limit in force, by default the cores,
+        // minus one), since asking for more workers than exist makes oneTBB print a warning.
         arena_(
-            std::max(1, tbb::info::default_concurrency() - 1), 0,
+            worker_pool_size(), 0,
             opts.low_priority ? tbb::task_arena::priority::low : tbb::task_arena::priority::normal),
         // Opened first, so that an unwritable path fails the construction (config_error).
         trace_(opts.trace_path.empty()

@@ -5,10 +5,17 @@
 #include <utility>
 
 #include "device_state.hpp"
-#include "enqueue_task.hpp"
+#include "start_task.hpp"
 #include "thread_frames.hpp"
 
 namespace stepflow::detail {
+namespace {
+
+// The step graph whose wave this thread is releasing (release_next_step): the step-done reports
+// of the devices it drains meanwhile only record `done`, and it collects their signals once.
+thread_local const step_graph* releasing_wave = nullptr;
+
+}  // namespace
 
 step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace)
     : arena_(arena), ordering_(ordering) {
@@ -28,14 +35,14 @@ void step_graph::join(device_state& device) {
     index = participants_.size();
     participants_.emplace_back(&device);
   }
-  // Outside mutex_: the listener runs under the queue's lock, which is always taken first.
+  // Outside mutex_: set_step_listener takes the queue's lock.
   device.queue().set_step_listener([this, index](std::uint64_t step) { step_done(index, step); });
   if (ordering_ == step_ordering::lockstep) device.queue().start_gated(1);
 }
 
 void step_graph::freeze() {
   if (frozen_fast_.load(std::memory_order_acquire)) return;  // every step end calls this
-  std::size_t signals = 0;
+  signal_batch signals;
   {
     std::lock_guard lock(mutex_);
     if (frozen_) return;
@@ -50,13 +57,13 @@ void step_graph::freeze() {
 }
 
 bool step_graph::retire(const device_state& device) {
-  std::size_t signals = 0;
+  signal_batch signals;
   device_state* retired = nullptr;
   {
     std::lock_guard lock(mutex_);
     for (participant& p : participants_) {
       if (p.device == &device && !p.retired) {
-        p.retired = true;
+        p.retired.store(true, std::memory_order_relaxed);
         retired = p.device;
       }
     }
@@ -80,7 +87,9 @@ void step_graph::activate_locked() {
   wave_ = min_done + 1;
   completed_wave_ = min_done;
   const auto predecessors = static_cast<int>(participants_.size());
-  arena_.execute([&] {
+  execute_in_arena(arena_, [&] {
+    // With one worker there is nobody to hand a wave's drainers to (see release_next_step).
+    spread_drainers_ = tbb::this_task_arena::max_concurrency() > 1;
     graph_ = std::make_unique<tbb::flow::graph>(graph_context_);
     // One node, one graph task per wave: it fires once every participant signalled the wave,
     // and its body runs the wave's joined closures and raises the gates. Waves cannot overlap
@@ -89,6 +98,8 @@ void step_graph::activate_locked() {
     // cost three graph tasks).
     join_ = std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
         *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
+          tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);  // send_signals
+          const own_task_scope own(arena_);
           std::uint64_t wave = 0;
           {
             std::lock_guard lock(mutex_);
@@ -104,12 +115,19 @@ void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
   // Every step end of a participant gets here. Until a joined closure or lockstep activates the
   // graph, nothing waits on `done`, so the common per-device case takes no lock: it publishes
   // `done` and checks `active_fast_`; activation sets that flag, then reads `done` (both
-  // sequentially consistent, so one side sees the other). The queue calls this under its lock
-  // with rising steps, and participants are fixed by now (the first step end froze them).
+  // sequentially consistent, so one side sees the other). Participants are fixed by now (the
+  // first step end froze them). Two threads may report one queue's steps at once, out of order
+  // (async_queue::set_step_listener): `done` keeps the largest.
   participant& p = participants_[index];
-  p.done.store(step);
-  if (!active_fast_.load()) return;
-  std::size_t signals = 0;
+  std::uint64_t seen = p.done.load();
+  while (seen < step && !p.done.compare_exchange_weak(seen, step)) {
+  }
+  if (!active_fast_.load() || releasing_wave == this) return;
+  collect_and_send_signals();
+}
+
+void step_graph::collect_and_send_signals() noexcept {
+  signal_batch signals;
   {
     std::lock_guard lock(mutex_);
     signals = collect_signals_locked();
@@ -118,32 +136,45 @@ void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
   progress_.notify_all();
 }
 
-std::size_t step_graph::collect_signals_locked() noexcept {
-  if (!active_ || stopping_) return 0;
+step_graph::signal_batch step_graph::collect_signals_locked() noexcept {
+  if (!active_ || stopping_) return {};
   // With every participant retired there is nobody to wait for, and nothing to join.
   const bool anyone = std::any_of(participants_.begin(), participants_.end(),
                                   [](const participant& p) { return !p.retired; });
-  if (!anyone) return 0;
-  std::size_t signals = 0;
+  if (!anyone) return {};
+  signal_batch signals;
+  signals.completes_wave = true;
   for (participant& p : participants_) {
     if (!p.signaled && (p.retired || p.done.load() >= wave_)) {
       p.signaled = true;
-      ++signals;
+      ++signals.count;
     }
+    signals.completes_wave = signals.completes_wave && p.signaled;
   }
   // Counted until sent, so that shutdown can wait for signals collected before it began.
-  if (signals != 0) ++sending_;
+  if (signals.count != 0) ++sending_;
   return signals;
 }
 
-void step_graph::send_signals(std::size_t count) noexcept {
-  if (count == 0) return;
-  // Enqueued, not put directly: a put from a thread outside stepflow's arena would spawn the
-  // node's task where no worker may ever look (a process with one oneTBB thread); an enqueued
-  // task always gets a thread, and the graph tasks it spawns then run on that thread.
-  enqueue_task(arena_, signal_tasks_, [this, count]() noexcept {
+void step_graph::send_signals(signal_batch signals) noexcept {
+  if (signals.count == 0) return;
+  // The wave's graph task, from the put that completes the wave until its body starts: a
+  // lingering drainer must not hold the worker it waits for.
+  if (signals.completes_wave) tasks_waiting_for_a_worker.fetch_add(1, std::memory_order_relaxed);
+  const auto put = [this, count = signals.count]() noexcept {
     for (std::size_t i = 0; i < count; ++i) join_->try_put(tbb::flow::continue_msg());
-  });
+  };
+  if (in_own_task(arena_)) {
+    // On one of stepflow's own tasks in the arena (a drainer, the previous wave): put directly,
+    // the node's task is spawned into this thread's deque. In a fresh isolation region, for the
+    // reason start_task gives.
+    tbb::this_task_arena::isolate(put);
+  } else {
+    // From any other thread a put would spawn the node's task where no worker may ever look (a
+    // process with one oneTBB thread); an enqueued task always gets a thread, and the graph task
+    // it spawns then runs on that thread.
+    start_task(arena_, signal_tasks_, put);
+  }
   std::lock_guard lock(mutex_);
   --sending_;
   if (stopping_) progress_.notify_all();
@@ -160,6 +191,7 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
     async_frame frame;  // like an asynchronous closure: never blocks on a full queue
     joined_step_frame step(wave);
     observed_batch observed(observer_, closure_kind::joined, wave);
+    const user_code_scope user_code;
     for (std::size_t i = 0; i < todo.size(); ++i) {
       std::exception_ptr error;
       observed.run(todo[i], error);
@@ -183,25 +215,55 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
     }
   }
   todo.clear();  // destroys closures discarded behind a failure, outside the lock
-  std::size_t signals = 0;
-  std::vector<device_state*> gated;
+  signal_batch signals;
+  bool release = false;
   {
     std::lock_guard lock(mutex_);
     completed_wave_ = wave;
     wave_ = wave + 1;
     for (participant& p : participants_) p.signaled = false;
     signals = collect_signals_locked();
-    if (ordering_ == step_ordering::lockstep && !stopping_) {
-      for (const participant& p : participants_) {
-        if (!p.retired) gated.push_back(p.device);
-      }
-    }
+    release = ordering_ == step_ordering::lockstep && !stopping_;
   }
   progress_.notify_all();
   send_signals(signals);
-  // The next step may start on every device only now, after the joined closures ran.
-  for (device_state* d : gated) d->queue().set_gate(wave + 1);
+  if (release) release_next_step(wave + 1);
   tsan_release(&tsan_task_handoff_key);  // joined by shutdown's wait_for_all
+}
+
+void step_graph::release_next_step(std::uint64_t step) noexcept {
+  // The next step may start on every device only now, after the joined closures ran. This thread
+  // then runs the released closures itself instead of starting a drainer task per device: a step
+  // of a few closures costs less to run than a task costs to start, and the devices' step-done
+  // signals then start the next wave from this thread too. With other workers in the arena, all
+  // but one device get spawned drainer tasks, which idle workers steal, so that devices still
+  // drain in parallel. A device whose drain role is taken (a producer waiting for room drains it,
+  // a lingering drainer woke) is left to its holder.
+  //
+  // All gates rise first: while this thread runs one device's closures (which may wait for
+  // another device's), a producer waiting on another device drains it itself after the grace
+  // period (async_queue::gate_drainer::caller), as it would with a task that does not start.
+  // The steps drained here are collected for the join once, at the end, rather than device by
+  // device: each collection takes the lock twice and puts into the graph.
+  //
+  // Participants are fixed once the graph is active, so they are read without the lock; one
+  // retired meanwhile keeps its open gate (gates only rise) and merely gets drained here.
+  using how = async_queue::gate_drainer;
+  device_state* last = nullptr;
+  for (participant& p : participants_) {
+    if (p.retired.load(std::memory_order_relaxed)) continue;
+    if (last != nullptr) last->queue().set_gate(step, spread_drainers_ ? how::task : how::caller);
+    last = p.device;
+  }
+  if (last == nullptr) return;
+  last->queue().set_gate(step, how::caller);
+  releasing_wave = this;
+  for (participant& p : participants_) {
+    // Also one retired since the loop above: it must not keep the promise of a drain.
+    if (!spread_drainers_ || p.device == last) p.device->queue().drain_here();
+  }
+  releasing_wave = nullptr;
+  collect_and_send_signals();
 }
 
 std::size_t step_graph::discard_all_joined_locked(std::vector<closure>& out) noexcept {
@@ -225,7 +287,7 @@ std::uint64_t step_graph::min_done_locked() const noexcept {
 }
 
 void step_graph::add_joined(closure&& c) {
-  std::size_t signals = 0;
+  signal_batch signals;
   closure discarded;
   {
     std::lock_guard lock(mutex_);
@@ -303,12 +365,12 @@ void step_graph::stop() noexcept {
     progress_.wait(lock, [this] { return sending_ == 0; });
   }
   try {
-    arena_.execute([this] {
+    // Joined: signal tasks release the hand-over key at their end (start_task), graph bodies
+    // too, and execute_in_arena acquires it after the wait.
+    execute_in_arena(arena_, [this] {
       signal_tasks_.wait();
       if (graph_) graph_->wait_for_all();
     });
-    // Joined: signal tasks released on this key at their end (enqueue_task), graph bodies too.
-    tsan_acquire(&tsan_task_handoff_key);
   } catch (...) {
     // Graph bodies and signal tasks catch everything; nothing to report.
   }

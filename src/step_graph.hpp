@@ -89,15 +89,23 @@ class step_graph {
     // Its closures of steps <= done ran. Written by step_done without the lock while the graph
     // is inactive (see there), so atomic; read under the lock.
     std::atomic<std::uint64_t> done{0};
-    bool signaled = false;  // signalled the current wave
-    bool retired = false;
+    bool signaled = false;             // signalled the current wave
+    std::atomic<bool> retired{false};  // written under the lock, read by release_next_step
+  };
+
+  /// Signals collected for the join: how many, and whether they are the wave's last.
+  struct signal_batch {
+    std::size_t count = 0;
+    bool completes_wave = false;
   };
 
   void step_done(std::size_t index, std::uint64_t step) noexcept;
   void activate_locked();
-  std::size_t collect_signals_locked() noexcept;
-  void send_signals(std::size_t count) noexcept;
+  signal_batch collect_signals_locked() noexcept;
+  void collect_and_send_signals() noexcept;
+  void send_signals(signal_batch signals) noexcept;
   void complete_wave(std::uint64_t wave) noexcept;
+  void release_next_step(std::uint64_t step) noexcept;
   std::uint64_t min_done_locked() const noexcept;
   std::size_t discard_all_joined_locked(std::vector<closure>& out) noexcept;
 
@@ -113,6 +121,7 @@ class step_graph {
   std::unique_ptr<tbb::flow::graph> graph_;
   std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>> join_;
 
+  bool spread_drainers_ = false;          // the arena has more than one worker; set on activation
   std::atomic<bool> frozen_fast_{false};  // frozen_, readable without the lock
   std::atomic<bool> active_fast_{false};  // active_, readable without the lock
   std::atomic<bool> has_failure_{false};  // failed_, readable without the lock

@@ -185,6 +185,36 @@ TEST_P(Lockstep, DestroyingTheSchedulerNeverWaitsForAStoppedDevice) {
   EXPECT_EQ(ran.load(), 5) << "shutdown lifts the gates and runs what was queued";
 }
 
+TEST_P(Lockstep, AClosureWaitingForAnotherParticipantsClosureOfItsStepDoesNotStallThatOne) {
+  // The thread that completes a global step may run the next step's closures of every device
+  // itself, one device after another. Device a's closure, first in every step, holds that thread
+  // until device b's closure of the same step ran: b's gate must already be open then, so that
+  // b.flush() below runs b's closure itself if nobody else does (a closed gate would hang here).
+  testing::watchdog dog(testing::default_hang_bound, "lockstep closures waiting across devices");
+  constexpr std::uint64_t steps = 20;
+  std::atomic<std::uint64_t> a_done{0};
+  std::atomic<std::uint64_t> b_done{0};
+  {
+    scheduler s(lockstep_options());
+    device_context& a = s.device("a");
+    device_context& b = s.device("b");
+    for (std::uint64_t step = 1; step <= steps; ++step) {
+      a.add_step_closure(run_async, [&a_done, &b_done, step] {
+        while (b_done.load() < step) std::this_thread::yield();
+        a_done.store(step);
+      });
+      b.add_step_closure(run_async, [&b_done] { b_done.fetch_add(1); });
+      a.run_step_closures();
+      b.run_step_closures();
+      b.flush();
+      EXPECT_EQ(b_done.load(), step);
+    }
+    s.flush();
+  }
+  EXPECT_EQ(a_done.load(), steps);
+  EXPECT_EQ(b_done.load(), steps);
+}
+
 TEST_P(Lockstep, DevicesCreatedAfterTheFirstStepDoNotParticipate) {
   testing::watchdog dog(std::chrono::seconds(60), "late device");
   scheduler s(lockstep_options());
