@@ -23,6 +23,15 @@ step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, trace_rec
     observer_.trace = trace;
     observer_.track = trace->track("joined");
   }
+  // The graph is built inside stepflow's arena, so that its tasks run there, with an isolated
+  // context, so that nothing outside (a user's graph or pipeline being cancelled) can cancel
+  // it. Built here, not on activation: entering the arena waits for a free slot, and on
+  // activation (under mutex_) the slot may be held by a drainer waiting for mutex_.
+  execute_in_arena(arena_, [&] {
+    // With one worker there is nobody to hand a wave's drainers to (see release_next_step).
+    spread_drainers_ = tbb::this_task_arena::max_concurrency() > 1;
+    graph_ = std::make_unique<tbb::flow::graph>(graph_context_);
+  });
 }
 
 step_graph::~step_graph() = default;
@@ -77,8 +86,6 @@ bool step_graph::retire(const device_state& device) {
 }
 
 void step_graph::activate_locked() {
-  // Build the graph inside stepflow's arena, so its tasks run there, with an isolated context,
-  // so that nothing outside (a user's graph or pipeline being cancelled) can cancel it.
   active_ = true;
   // Before reading `done`: pairs with step_done, which writes `done` before it reads this.
   active_fast_.store(true);
@@ -87,10 +94,8 @@ void step_graph::activate_locked() {
   wave_ = min_done + 1;
   completed_wave_ = min_done;
   const auto predecessors = static_cast<int>(participants_.size());
-  execute_in_arena(arena_, [&] {
-    // With one worker there is nobody to hand a wave's drainers to (see release_next_step).
-    spread_drainers_ = tbb::this_task_arena::max_concurrency() > 1;
-    graph_ = std::make_unique<tbb::flow::graph>(graph_context_);
+  // The node needs no arena: the graph spawns its tasks in the graph's.
+  {
     // One node, one graph task per wave: it fires once every participant signalled the wave,
     // and its body runs the wave's joined closures and raises the gates. Waves cannot overlap
     // or reorder: the signals of wave N+1 are only collected once complete_wave(N) advanced
@@ -98,7 +103,8 @@ void step_graph::activate_locked() {
     // cost three graph tasks).
     join_ = std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
         *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
-          tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);  // send_signals
+          tsan_acquire(&tsan_task_handoff_key);  // the put that fired it (send_signals)
+          tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);
           const own_task_scope own(arena_);
           std::uint64_t wave = 0;
           {
@@ -108,7 +114,7 @@ void step_graph::activate_locked() {
           complete_wave(wave);
           return tbb::flow::continue_msg();
         });
-  });
+  }
 }
 
 void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
@@ -166,8 +172,9 @@ void step_graph::send_signals(signal_batch signals) noexcept {
   };
   if (in_own_task(arena_)) {
     // On one of stepflow's own tasks in the arena (a drainer, the previous wave): put directly,
-    // the node's task is spawned into this thread's deque. In a fresh isolation region, for the
-    // reason start_task gives.
+    // the node's task is spawned into this thread's deque (and may be stolen: the hand-over is
+    // announced to TSan). In a fresh isolation region, for the reason start_task gives.
+    tsan_release(&tsan_task_handoff_key);
     tbb::this_task_arena::isolate(put);
   } else {
     // From any other thread a put would spawn the node's task where no worker may ever look (a

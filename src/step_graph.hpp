@@ -116,12 +116,12 @@ class step_graph {
   tbb::task_group_context signal_context_{tbb::task_group_context::isolated};
   tbb::task_group signal_tasks_{signal_context_};
   tbb::task_group_context graph_context_{tbb::task_group_context::isolated};
-  // Built inside the arena (a graph runs its tasks in the arena that constructs it), on
-  // activation, once the number of participants is final.
+  // Built inside the arena (a graph runs its tasks in the arena that constructs it) by the
+  // constructor; the node on activation, once the number of participants is final.
   std::unique_ptr<tbb::flow::graph> graph_;
   std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>> join_;
 
-  bool spread_drainers_ = false;          // the arena has more than one worker; set on activation
+  bool spread_drainers_ = false;          // the arena has more than one worker
   std::atomic<bool> frozen_fast_{false};  // frozen_, readable without the lock
   std::atomic<bool> active_fast_{false};  // active_, readable without the lock
   std::atomic<bool> has_failure_{false};  // failed_, readable without the lock
