@@ -7,8 +7,8 @@
 // already running in that arena, between user closures (a drainer, the step graph's wave), it is
 // spawned instead: into the running thread's own deque, where that thread finds it as soon as
 // its current task ends and an idle worker can steal it, without the arena's shared queue or a
-// wake-up (a lockstep wave hands its devices to other workers this way). `own_task_arena` tells the two
-// apart: set while stepflow's own task code runs, cleared again while a user closure runs in it
+// wake-up (a lockstep wave hands its devices to other workers this way). `own_task_arena` tells the
+// two apart: set while stepflow's own task code runs, cleared again while a user closure runs in it
 // (`user_code_scope`), since user code may have entered another arena.
 //
 // TSan: the task object is written here and read by a worker through oneTBB's uninstrumented
