@@ -215,6 +215,47 @@ TEST_P(Lockstep, AClosureWaitingForAnotherParticipantsClosureOfItsStepDoesNotSta
   EXPECT_EQ(b_done.load(), steps);
 }
 
+TEST_P(Lockstep, WithSeveralWorkersTheDevicesOfAStepRunInParallel) {
+  // With more than one worker in stepflow's arena, the thread that completes a global step hands
+  // all devices but one to other workers (spawned drainer tasks) instead of running them one
+  // after another. Each step's two closures meet: each waits until the other has started, which
+  // only ends if they run at the same time, and nobody here waits on a queue that could run them
+  // itself. Bounded, so that a regression fails instead of hanging.
+  if (GetParam() < 4) GTEST_SKIP() << "needs at least two workers in stepflow's arena";
+  testing::watchdog dog(testing::default_hang_bound, "lockstep devices meeting in each step");
+  constexpr std::uint64_t steps = 20;
+  std::atomic<std::uint64_t> a_started{0};
+  std::atomic<std::uint64_t> b_started{0};
+  std::atomic<int> missed{0};
+  const auto meet = [&missed](std::atomic<std::uint64_t>& mine,
+                              const std::atomic<std::uint64_t>& other, std::uint64_t step) {
+    mine.store(step);
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (other.load() < step) {
+      if (std::chrono::steady_clock::now() > give_up) {
+        missed.fetch_add(1);
+        return;
+      }
+      std::this_thread::yield();
+    }
+  };
+  {
+    scheduler s(lockstep_options());
+    device_context& a = s.device("a");
+    device_context& b = s.device("b");
+    for (std::uint64_t step = 1; step <= steps; ++step) {
+      a.add_step_closure(run_async, [&, step] { meet(a_started, b_started, step); });
+      b.add_step_closure(run_async, [&, step] { meet(b_started, a_started, step); });
+      a.run_step_closures();
+      b.run_step_closures();
+    }
+    s.flush();
+  }
+  EXPECT_EQ(missed.load(), 0) << "closures of one step never ran at the same time";
+  EXPECT_EQ(a_started.load(), steps);
+  EXPECT_EQ(b_started.load(), steps);
+}
+
 TEST_P(Lockstep, DevicesCreatedAfterTheFirstStepDoNotParticipate) {
   testing::watchdog dog(std::chrono::seconds(60), "late device");
   scheduler s(lockstep_options());
