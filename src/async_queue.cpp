@@ -68,10 +68,10 @@ class waiting_scope {
 /// process's threads wait in queues than there are CPUs: then the late yields passed the CPUs
 /// among them, which is what they need. The cost is where a process's own threads outnumber
 /// the CPUs without waiting in queues: B6 with 8 producer threads on 2 CPUs, lockstep, one
-/// closure per step, measured 15-24 us per global step against 11-15 without this rule (when a
-/// wave still started a drainer task per device; now 6-10 us either way) (late
-/// yields there came with 1-2 threads waiting, so they stop spinning; always stopping measured
-/// ~50 us).
+/// closure per step, measured 15-24 us per global step against 11-15 without this rule while a
+/// wave still started a drainer task per device, 6-10 us either way since the wave drains the
+/// devices itself. Late yields there came with 1-2 threads waiting, so they stop spinning;
+/// always stopping measured ~50 us.
 template <class Ready>
 bool spin_until(Ready ready, std::uint64_t budget_ns) {
   static const int cpus = std::max(1, tbb::info::default_concurrency());

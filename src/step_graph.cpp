@@ -94,27 +94,25 @@ void step_graph::activate_locked() {
   wave_ = min_done + 1;
   completed_wave_ = min_done;
   const auto predecessors = static_cast<int>(participants_.size());
-  // The node needs no arena: the graph spawns its tasks in the graph's.
-  {
-    // One node, one graph task per wave: it fires once every participant signalled the wave,
-    // and its body runs the wave's joined closures and raises the gates. Waves cannot overlap
-    // or reorder: the signals of wave N+1 are only collected once complete_wave(N) advanced
-    // `wave_`, so no sequencer or serial node is needed behind it (with them a lockstep wave
-    // cost three graph tasks).
-    join_ = std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
-        *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
-          tsan_acquire(&tsan_task_handoff_key);  // the put that fired it (send_signals)
-          tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);
-          const own_task_scope own(arena_);
-          std::uint64_t wave = 0;
-          {
-            std::lock_guard lock(mutex_);
-            wave = wave_;
-          }
-          complete_wave(wave);
-          return tbb::flow::continue_msg();
-        });
-  }
+  // No arena needed here: the graph (built in the constructor) spawns the node's tasks in its own.
+  // One node, one graph task per wave: it fires once every participant signalled the wave,
+  // and its body runs the wave's joined closures and raises the gates. Waves cannot overlap
+  // or reorder: the signals of wave N+1 are only collected once complete_wave(N) advanced
+  // `wave_`, so no sequencer or serial node is needed behind it (with them a lockstep wave
+  // cost three graph tasks).
+  join_ = std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
+      *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
+        tsan_acquire(&tsan_task_handoff_key);  // the put that fired it (send_signals)
+        tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);
+        const own_task_scope own(arena_);
+        std::uint64_t wave = 0;
+        {
+          std::lock_guard lock(mutex_);
+          wave = wave_;
+        }
+        complete_wave(wave);
+        return tbb::flow::continue_msg();
+      });
 }
 
 void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
