@@ -205,7 +205,7 @@ void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
 }
 
 bool async_queue::runnable_locked() const noexcept {
-  return ring_size_ != 0 && ring_[ring_head_].step <= gate_;
+  return ring_size_ != 0 && ring_[ring_head_].step <= gate_.load();
 }
 
 std::uint64_t async_queue::progress_to_report_locked() noexcept {
@@ -234,23 +234,44 @@ void async_queue::report_progress(std::uint64_t done) noexcept {
   }
 }
 
-void async_queue::set_gate(std::uint64_t max_step, gate_drainer drainer) noexcept {
-  lock_type lock(mutex_);
-  gate_ = std::max(gate_, max_step);  // gates only rise: shutdown lifts them for good
-  announce_change_locked();
-  if (drainer == gate_drainer::caller && !draining_) {
-    // Promised like a pending task: a waiter leaves it the grace period before draining itself.
-    drain_promised_ = true;
-    drainer_called_ns_ = trace_recorder::now_ns();
-  } else {
-    call_drainer_locked();
+void async_queue::raise_gate(std::uint64_t max_step) noexcept {
+  // Gates only rise: shutdown lifts them for good.
+  std::uint64_t gate = gate_.load(std::memory_order_relaxed);
+  while (gate < max_step && !gate_.compare_exchange_weak(gate, max_step)) {
   }
+}
+
+void async_queue::set_gate(std::uint64_t max_step) noexcept {
+  lock_type lock(mutex_);
+  raise_gate(max_step);
+  announce_change_locked();
+  call_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
+}
+
+void async_queue::set_gate_for_caller(std::uint64_t max_step, std::uint64_t now_ns) noexcept {
+  // Without the lock: the caller takes it in drain_here next anyway, and meanwhile the device's
+  // producer reserves under it (B6 lockstep with one thread ending every device's steps: raising
+  // 8 gates under their locks was 12% of a wave, much of it waiting behind those reserves).
+  // Nobody else needs to hear of the gate: a drainer holding the role re-reads it under the lock
+  // before it gives the role up, and drain_here takes the lock after this store.
+  //
+  // Promised like a pending task: a waiter leaves it the grace period before draining itself.
+  // The promise before the gate, so that a waiter that sees the new gate sees the promise.
+  drainer_called_ns_.store(now_ns, std::memory_order_relaxed);
+  drain_promised_.store(true, std::memory_order_release);
+  raise_gate(max_step);
+  // Dekker with wait_until, as in finished(): a waiter asleep because nothing was runnable wakes
+  // to honour the promise's grace and then drains itself.
+  if (waiters_.load() > 0) {
+    lock_type lock(mutex_);
+    progress_.notify_all();
+  }
 }
 
 void async_queue::drain_here() noexcept {
   lock_type lock(mutex_);
-  drain_promised_ = false;
+  drain_promised_.store(false, std::memory_order_relaxed);
   if (draining_ || !runnable_locked()) return;
   // A lingering drainer sees the role taken when it wakes, and leaves; a pending drainer task
   // finds it taken, or nothing left to run.
@@ -263,7 +284,7 @@ void async_queue::drain_here() noexcept {
 
 void async_queue::start_gated(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
-  gate_ = max_step;
+  gate_.store(max_step);
 }
 
 void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener) {
@@ -272,8 +293,13 @@ void async_queue::set_step_listener(std::function<void(std::uint64_t)> listener)
 }
 
 bool async_queue::drainer_about_to_start_locked() const noexcept {
-  return (task_pending_ || lingering_ || drain_promised_) &&
-         trace_recorder::now_ns() - drainer_called_ns_ < drainer_start_grace_ns;
+  if (!task_pending_ && !lingering_ && !drain_promised_.load(std::memory_order_acquire)) {
+    return false;
+  }
+  // A lock-free promise (set_gate_for_caller) may carry a time a little after this thread's
+  // clock read: compared without subtracting, so that it counts as fresh.
+  return drainer_called_ns_.load(std::memory_order_relaxed) + drainer_start_grace_ns >
+         trace_recorder::now_ns();
 }
 
 void async_queue::announce_change_locked() noexcept {
@@ -284,7 +310,7 @@ void async_queue::announce_change_locked() noexcept {
 void async_queue::call_drainer_locked() {
   // A lingering drainer notices `changes_` by itself; otherwise a task is needed.
   if (lingering_) {
-    drainer_called_ns_ = trace_recorder::now_ns();
+    drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
   } else if (!draining_ && !task_pending_ && runnable_locked()) {
     schedule_drainer_locked();
   }
@@ -292,7 +318,7 @@ void async_queue::call_drainer_locked() {
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
-  drainer_called_ns_ = trace_recorder::now_ns();
+  drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
   start_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
 }
@@ -381,7 +407,7 @@ void async_queue::release_drain_role_locked() noexcept {
     if (lingering_) {
       // A waiter that drained leaves work behind: wake the lingerer for it.
       announce_change_locked();
-      drainer_called_ns_ = trace_recorder::now_ns();
+      drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
     } else {
       schedule_drainer_locked();
     }

@@ -95,12 +95,14 @@ class async_queue {
   /// The gate only rises (a lower value is ignored).
   /// `no_gate` (the default) lets every step run.
   static constexpr std::uint64_t no_gate = std::numeric_limits<std::uint64_t>::max();
-  /// Who runs the closures a raised gate lets through: a drainer task (`task`), or the caller,
-  /// who promises to call `drain_here` next (`caller`). A thread waiting on the queue leaves
-  /// that promise the same grace period as a pending task before it drains itself, so a caller
-  /// held up elsewhere (a closure of another device it drains first) cannot stall the queue.
-  enum class gate_drainer { task, caller };
-  void set_gate(std::uint64_t max_step, gate_drainer drainer = gate_drainer::task) noexcept;
+  /// Raises the gate; a drainer task runs the closures it lets through.
+  void set_gate(std::uint64_t max_step) noexcept;
+  /// Raises the gate for a caller who promises to call `drain_here` next. A thread waiting on the
+  /// queue leaves that promise the same grace period as a pending task before it drains itself,
+  /// so a caller held up elsewhere (a closure of another device it drains first) cannot stall
+  /// the queue. Lock-free: a lockstep wave raises every device's gate this way. `now_ns` is a
+  /// `trace_recorder::now_ns()` value taken by the caller (one clock read for a whole wave).
+  void set_gate_for_caller(std::uint64_t max_step, std::uint64_t now_ns) noexcept;
   /// Runs the runnable closures on the calling thread, unless someone else holds the drain role.
   /// Precondition: not inside an asynchronous closure.
   void drain_here() noexcept;
@@ -139,6 +141,7 @@ class async_queue {
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
   bool runnable_locked() const noexcept;
   bool drainer_about_to_start_locked() const noexcept;
+  void raise_gate(std::uint64_t max_step) noexcept;
   std::uint64_t progress_to_report_locked() noexcept;
   void report_progress(std::uint64_t done) noexcept;
   void note_high_water() noexcept;
@@ -179,20 +182,17 @@ class async_queue {
   std::vector<queued_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
-  std::uint64_t gate_ = no_gate;     // largest step whose closures may start
   std::uint64_t last_step_ = 0;      // step of the latest reserve
   std::uint64_t running_step_ = 0;   // step of the batch being run, 0 when none
   std::uint64_t reported_step_ = 0;  // largest step handed to report_progress
   std::function<void(std::uint64_t)> step_listener_;
-  bool draining_ = false;                // someone holds the right to run closures
-  bool task_pending_ = false;            // a drainer task is enqueued and has not started
-  bool lingering_ = false;               // a drainer waits for work without holding the role
-  bool drain_promised_ = false;          // set_gate's caller drains next (gate_drainer::caller)
-  bool stop_lingering_ = false;          // shutdown: a lingering drainer leaves at once
-  std::uint64_t drainer_called_ns_ = 0;  // when a task was enqueued or the lingerer had work
-  std::uint64_t idle_since_ns_ = 0;      // when the drainer last found nothing to run
-  std::uint64_t last_idle_gap_ns_ = 0;   // from then until the next batch came
-  std::exception_ptr failure_;           // fail-stop: set from the failure until it is taken
+  bool draining_ = false;               // someone holds the right to run closures
+  bool task_pending_ = false;           // a drainer task is enqueued and has not started
+  bool lingering_ = false;              // a drainer waits for work without holding the role
+  bool stop_lingering_ = false;         // shutdown: a lingering drainer leaves at once
+  std::uint64_t idle_since_ns_ = 0;     // when the drainer last found nothing to run
+  std::uint64_t last_idle_gap_ns_ = 0;  // from then until the next batch came
+  std::exception_ptr failure_;          // fail-stop: set from the failure until it is taken
   std::size_t discarded_since_failure_ = 0;
 
   // Atomics: read without the lock by waiters, the lingering drainer and counters.
@@ -215,6 +215,11 @@ class async_queue {
   std::atomic<std::uint64_t> forced_{0};                // admitted beyond the capacity
   std::atomic<std::uint64_t> changes_{0};               // bumped by every reserve and gate change
   std::atomic<std::size_t> high_water_{0};
+  // Per lockstep wave, written without the lock by set_gate_for_caller and read under it:
+  alignas(64) std::atomic<std::uint64_t> gate_{no_gate};  // largest step whose closures may start
+  std::atomic<bool> drain_promised_{false};  // set_gate_for_caller's caller drains next
+  // When a task was enqueued, the lingerer had work or a drain was promised.
+  std::atomic<std::uint64_t> drainer_called_ns_{0};
   // Rarely written:
   alignas(64) std::atomic<bool> has_failure_{false};  // failure_ is set, for a lock-free check
   std::atomic<int> waiters_{0};

@@ -192,7 +192,8 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
     auto node = joined_.extract(wave);
     if (!node.empty()) todo = std::move(node.mapped());
   }
-  {
+  // Most waves have no joined closure: then no clock reads for the observer.
+  if (!todo.empty()) {
     async_frame frame;  // like an asynchronous closure: never blocks on a full queue
     joined_step_frame step(wave);
     observed_batch observed(observer_, closure_kind::joined, wave);
@@ -247,21 +248,27 @@ void step_graph::release_next_step(std::uint64_t step) noexcept {
   //
   // All gates rise first: while this thread runs one device's closures (which may wait for
   // another device's), a producer waiting on another device drains it itself after the grace
-  // period (async_queue::gate_drainer::caller), as it would with a task that does not start.
+  // period (async_queue::set_gate_for_caller), as it would with a task that does not start.
   // The steps drained here are collected for the join once, at the end, rather than device by
   // device: each collection takes the lock twice and puts into the graph.
   //
   // Participants are fixed once the graph is active, so they are read without the lock; one
   // retired meanwhile keeps its open gate (gates only rise) and merely gets drained here.
-  using how = async_queue::gate_drainer;
   device_state* last = nullptr;
   for (participant& p : participants_) {
-    if (p.retired.load(std::memory_order_relaxed)) continue;
-    if (last != nullptr) last->queue().set_gate(step, spread_drainers_ ? how::task : how::caller);
-    last = p.device;
+    if (!p.retired.load(std::memory_order_relaxed)) last = p.device;
   }
   if (last == nullptr) return;
-  last->queue().set_gate(step, how::caller);
+  const std::uint64_t now = trace_recorder::now_ns();
+  for (participant& p : participants_) {
+    // One retired since the loop above has its gate open for good already.
+    if (p.retired.load(std::memory_order_relaxed)) continue;
+    if (spread_drainers_ && p.device != last) {
+      p.device->queue().set_gate(step);
+    } else {
+      p.device->queue().set_gate_for_caller(step, now);
+    }
+  }
   releasing_wave = this;
   for (participant& p : participants_) {
     // Also one retired since the loop above: it must not keep the promise of a drain.
