@@ -28,6 +28,7 @@
 #include <oneapi/tbb/task_arena.h>
 #include <oneapi/tbb/task_group.h>
 
+#include "adaptive_mutex.hpp"
 #include "closure_batch.hpp"
 
 namespace stepflow::detail {
@@ -129,7 +130,7 @@ class async_queue {
   void shutdown() noexcept;
 
  private:
-  using lock_type = std::unique_lock<std::mutex>;
+  using lock_type = std::unique_lock<adaptive_mutex>;
 
   struct queued_batch {
     closure_batch items;
@@ -175,8 +176,8 @@ class async_queue {
   tbb::task_group_context context_{tbb::task_group_context::isolated};
   tbb::task_group drainer_tasks_{context_};
 
-  mutable std::mutex mutex_;
-  std::condition_variable progress_;  // room, finished closures, or the drain role freed
+  mutable adaptive_mutex mutex_;
+  std::condition_variable_any progress_;  // room, finished closures, or the drain role freed
   // Guarded by mutex_:
   // FIFO of batches, a ring so steady state never allocates.
   std::vector<queued_batch> ring_;
