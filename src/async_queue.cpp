@@ -7,6 +7,7 @@
 
 #include <oneapi/tbb/info.h>
 
+#include "atomic_max.hpp"
 #include "closure_observer.hpp"
 #include "start_task.hpp"
 #include "thread_frames.hpp"
@@ -224,9 +225,7 @@ void async_queue::report_progress(std::uint64_t done) noexcept {
   // producer blocked in futex_wait behind the drainer's signals, 8% of its time).
   if (step_listener_) step_listener_(done);
   // Only now, so that a flush that sees the step done knows that the listener saw it too.
-  std::uint64_t seen = done_step_.load(std::memory_order_relaxed);
-  while (seen < done && !done_step_.compare_exchange_weak(seen, done)) {
-  }
+  raise_to(done_step_, done);
   // Dekker with wait_until, as in finished().
   if (waiters_.load() > 0) {
     lock_type lock(mutex_);
@@ -234,16 +233,9 @@ void async_queue::report_progress(std::uint64_t done) noexcept {
   }
 }
 
-void async_queue::raise_gate(std::uint64_t max_step) noexcept {
-  // Gates only rise: shutdown lifts them for good.
-  std::uint64_t gate = gate_.load(std::memory_order_relaxed);
-  while (gate < max_step && !gate_.compare_exchange_weak(gate, max_step)) {
-  }
-}
-
 void async_queue::set_gate(std::uint64_t max_step) noexcept {
   lock_type lock(mutex_);
-  raise_gate(max_step);
+  raise_to(gate_, max_step);  // gates only rise: shutdown lifts them for good
   announce_change_locked();
   call_drainer_locked();
   if (waiters_.load() > 0) progress_.notify_all();
@@ -260,7 +252,7 @@ void async_queue::set_gate_for_caller(std::uint64_t max_step, std::uint64_t now_
   // The promise before the gate, so that a waiter that sees the new gate sees the promise.
   drainer_called_ns_.store(now_ns, std::memory_order_relaxed);
   drain_promised_.store(true, std::memory_order_release);
-  raise_gate(max_step);
+  raise_to(gate_, max_step);
   // Dekker with wait_until, as in finished(): a waiter asleep because nothing was runnable wakes
   // to honour the promise's grace and then drains itself.
   if (waiters_.load() > 0) {

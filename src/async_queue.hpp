@@ -142,7 +142,6 @@ class async_queue {
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
   bool runnable_locked() const noexcept;
   bool drainer_about_to_start_locked() const noexcept;
-  void raise_gate(std::uint64_t max_step) noexcept;
   std::uint64_t progress_to_report_locked() noexcept;
   void report_progress(std::uint64_t done) noexcept;
   void note_high_water() noexcept;
