@@ -4,6 +4,7 @@
 #include <limits>
 #include <utility>
 
+#include "atomic_max.hpp"
 #include "device_state.hpp"
 #include "start_task.hpp"
 #include "thread_frames.hpp"
@@ -123,9 +124,7 @@ void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
   // first step end froze them). Two threads may report one queue's steps at once, out of order
   // (async_queue::set_step_listener): `done` keeps the largest.
   participant& p = participants_[index];
-  std::uint64_t seen = p.done.load();
-  while (seen < step && !p.done.compare_exchange_weak(seen, step)) {
-  }
+  raise_to(p.done, step);
   if (!active_fast_.load() || releasing_wave == this) return;
   collect_and_send_signals();
 }
@@ -220,7 +219,12 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
       if (failed) break;  // fail-stop: the rest were discarded above
     }
   }
-  todo.clear();  // destroys closures discarded behind a failure, outside the lock
+  {
+    // Destroys the closures discarded behind a failure, outside the lock. Their destructors are
+    // user code, like their calls above.
+    const user_code_scope user_code;
+    todo.clear();
+  }
   signal_batch signals;
   bool release = false;
   {
