@@ -84,21 +84,28 @@ class observed_batch {
                       OnFailure&& on_failure) noexcept {
     const std::size_t n = batch.size();
     std::uint32_t until_sample = until_sample_;
-    std::size_t visited = 0;
     std::size_t unrun = 0;
-    bool failed = false;
-    batch.consume([&](closure_ref c) noexcept {
-      ++visited;
-      if (failed) [[unlikely]]
-        return;
-      before_each();
-      if (!run_counted(c, error, until_sample)) [[unlikely]] {
-        failed = true;
-        unrun = n - visited;
-        on_failure(unrun);
-      }
-    });
+    if (!tracing_) [[likely]] {
+      unrun = batch.consume(
+          [&](closure_ref c) noexcept {
+            before_each();
+            if (--until_sample == 0) [[unlikely]] {
+              until_sample = run_time_sample_every;
+              return run_timed(c, error, true);
+            }
+            return call(c, error);
+          },
+          on_failure);
+    } else {
+      unrun = batch.consume(
+          [&](closure_ref c) noexcept {
+            before_each();
+            return run_counted(c, error, until_sample);
+          },
+          on_failure);
+    }
     until_sample_ = until_sample;
+    // The failed closure ran too.
     ran_ += n - unrun;
     return unrun;
   }
