@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -38,6 +40,19 @@ struct stamp {
   std::int64_t* slot;
   void operator()() const noexcept { *slot = now_ns(); }
 };
+
+// STEPFLOW_BENCH_LATENCY_DUMP=<file>: every step's end time and latency (ns), one step a line in
+// step order, of the last iteration run (give a filter that selects one benchmark). Whether slow
+// steps come alone or in runs says what made them slow: scripts/latency_runs.py reads it.
+void dump_latencies(const std::vector<std::int64_t>& ended,
+                    const std::vector<std::int64_t>& started) {
+  const char* path = std::getenv("STEPFLOW_BENCH_LATENCY_DUMP");
+  if (path == nullptr) return;
+  std::ofstream out(path);
+  for (std::size_t i = 0; i < ended.size(); ++i) {
+    out << ended[i] << ' ' << started[i] - ended[i] << '\n';
+  }
+}
 
 template <class AddStamp, class AddWork, class EndStep, class Flush>
 void run_latency_loop(benchmark::State& state, sink& s, AddStamp add_stamp, AddWork add_work,
@@ -80,6 +95,7 @@ void run_latency_loop(benchmark::State& state, sink& s, AddStamp add_stamp, AddW
     }
     flush();
     for (std::size_t i = 0; i < steps; ++i) latencies.push_back(started[i] - ended[i]);
+    dump_latencies(ended, started);
     closures += steps * closures_per_step;
   }
   std::sort(latencies.begin(), latencies.end());

@@ -23,10 +23,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def run(build_dir: Path, binary: str, filter_: str) -> list[dict]:
+def run(build_dir: Path, binary: str, filter_: str, min_time: str | None) -> list[dict]:
     exe = build_dir / "bench" / binary
-    out = subprocess.run([str(exe), f"--benchmark_filter={filter_}", "--benchmark_format=json"],
-                         check=True, capture_output=True, text=True).stdout
+    cmd = [str(exe), f"--benchmark_filter={filter_}", "--benchmark_format=json"]
+    if min_time is not None:
+        cmd.append(f"--benchmark_min_time={min_time}")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["benchmarks"]
 
 
@@ -39,6 +41,8 @@ def main() -> int:
     p.add_argument("filter", help="--benchmark_filter regular expression")
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--counter", default="real_time")
+    p.add_argument("--min-time", help="--benchmark_min_time for every run (seconds); shorter runs "
+                   "allow more repetitions in the same time")
     args = p.parse_args()
     dirs = [args.a, Path("build/bench") if str(args.b) == "." else args.b]
 
@@ -46,19 +50,19 @@ def main() -> int:
     names: list[str] = []
     for _ in range(args.repetitions):
         for side, build_dir in enumerate(dirs):
-            for bench in run(build_dir, args.binary, args.filter):
+            for bench in run(build_dir, args.binary, args.filter, args.min_time):
                 if bench["name"] not in names:
                     names.append(bench["name"])
                 values[side][bench["name"]].append(float(bench[args.counter]))
 
     print(f"{args.counter}: median [min-max] of {args.repetitions} alternating runs")
-    print(f"{'benchmark':<84} {'A: ' + str(dirs[0]):>26} {'B: ' + str(dirs[1]):>26}")
+    print(f"{'benchmark':<84} {'A: ' + str(dirs[0]):>30} {'B: ' + str(dirs[1]):>30}")
     for name in names:
         cells = []
         for side in (0, 1):
             v = values[side].get(name)
-            cells.append(f"{statistics.median(v):,.1f} [{min(v):,.0f}-{max(v):,.0f}]" if v else "-")
-        print(f"{name:<84} {cells[0]:>26} {cells[1]:>26}")
+            cells.append(f"{statistics.median(v):,.2f} [{min(v):,.2f}-{max(v):,.2f}]" if v else "-")
+        print(f"{name:<84} {cells[0]:>30} {cells[1]:>30}")
     return 0
 
 

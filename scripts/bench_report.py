@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Binary name -> what it holds. Order = run order.
 BINARIES = [
+    ("machine_probe_bench", "machine"),
     ("sync_step_bench", "B1"),
     ("async_bench", "B2"),
     ("handoff_floor_bench", "B2"),
@@ -298,6 +299,12 @@ def section_machine(res: Results) -> str:
         ["run", f"{ctx.get('date', '?')}; load average at start "
                 f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', [])) or '?'}"],
     ]
+    probe = res.find("machine", "probe")
+    if probe is not None:
+        rows.append(["CPU steadiness (`machine_probe_bench`: a fixed loop on every CPU for 1 s; "
+                     "1 ms windows whose median pass took over 1.8x the run's median)",
+                     f"{probe.get('slow_window_pct', 0):.1f}% of windows slow, longest slow "
+                     f"stretch {probe.get('longest_slow_ms', 0):.0f} ms (median of the runs)"])
     if res.meta:
         noise = ", ".join(
             f"{name} {m['other_cpu_share']:.0%} ({m['seconds']:.0f} s)"
