@@ -62,7 +62,9 @@ void device_state::run_step_closures() {
     // Written under take_mutex_ only: a plain increment, read by metrics.
     taken_.store(taken_.load(std::memory_order_relaxed) + async_batch.size() + sync_batch.size(),
                  std::memory_order_relaxed);
-    step = step_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    // Also written under take_mutex_ only: a plain increment (a locked one costs ~10 ns more).
+    step = step_.load(std::memory_order_relaxed) + 1;
+    step_.store(step, std::memory_order_release);
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
     if (!sync_mode_) ticket = queue_.reserve(std::move(async_batch), step);

@@ -79,7 +79,7 @@ class device_state {
   pending_closures sync_pending_;
   pending_closures async_pending_;
   std::mutex take_mutex_;  // one step end takes closures at a time
-  std::atomic<std::uint64_t> step_{0};
+  std::atomic<std::uint64_t> step_{0};  // written under take_mutex_, read without it
 
   // The device's task group for sync work. Isolated: a bound context would attach to the first
   // caller's context and be cancelled when, say, the user's pipeline that called us throws.
