@@ -78,7 +78,7 @@ class device_state {
   batch_pool pool_;
   pending_closures sync_pending_;
   pending_closures async_pending_;
-  std::mutex take_mutex_;  // one step end takes closures at a time
+  std::mutex take_mutex_;               // one step end takes closures at a time
   std::atomic<std::uint64_t> step_{0};  // written under take_mutex_, read without it
 
   // The device's task group for sync work. Isolated: a bound context would attach to the first
