@@ -10,10 +10,12 @@ machines this project measures on: stretches where the virtual CPUs run several 
 """
 
 import argparse
+import signal
 import sys
 
 
 def main() -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quietly, when piped into head
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dump", help="file written through STEPFLOW_BENCH_LATENCY_DUMP")
