@@ -9,7 +9,8 @@
 // Sizes: 100 closures per step (the size); stepflow also 1000 per step.
 //
 // Counters: new_per_closure (operator new calls / closures), malloc_per_closure (all heap
-// allocations, operator new included, / closures), news (operator new calls in the region).
+// allocations, operator new included, / closures), news (operator new calls in the region),
+// warm_up_steps (steps before counting: see min_warm_steps).
 //
 // STEPFLOW_BENCH_TRACE_NEW=1 in the environment prints a backtrace to stderr for every operator new
 // counted inside a measured region (the binary is linked with -rdynamic for the symbol names).
@@ -163,18 +164,36 @@ struct allocation_probe {
   }
 };
 
+// Steady state, for the warm-up: at least `min_warm_steps` steps, then until `quiet_steps` steps
+// in a row made no heap allocation, or `max_warm_steps` in all. Why not a fixed count: a lane
+// needs its most chunks in flight only when the producer happens to run furthest ahead of the
+// drainer, which may first happen after any fixed count (one 8 KiB chunk in 17-33 million
+// closures after 200 steps, in some runs). That is growth, not a cost per closure; a cost per
+// closure never goes quiet, so it reaches the cap and is counted in the loop as before.
+constexpr int min_warm_steps = 200;
+constexpr int quiet_steps = 1000;
+constexpr int max_warm_steps = 5000;
+
 /// One iteration: `steps_per_flush` steps of `per_step` (argument 2) closures, then `flush` (a
-/// no-op for sync). Counts allocations over the loop, after 200 warm-up steps.
+/// no-op for sync). Counts allocations over the loop, after the warm-up.
 template <std::size_t Bytes, class AddOne, class EndStep, class Flush>
 void run_alloc_loop(benchmark::State& state, sink& s, AddOne add_one, EndStep end_step,
                     Flush flush) {
   const auto per_step = static_cast<std::uint64_t>(state.range(2));
   const work<Bytes> w = make_work<Bytes>(s);
-  for (int step = 0; step < 200; ++step) {  // warm-up
+  std::uint64_t seen = heap_allocations.load();
+  int quiet = 0;
+  int warm_steps = 0;
+  for (; warm_steps < max_warm_steps && (warm_steps < min_warm_steps || quiet < quiet_steps);
+       ++warm_steps) {
     for (std::uint64_t i = 0; i < per_step; ++i) add_one(w);
     end_step();
+    const std::uint64_t now = heap_allocations.load();
+    quiet = now == seen ? quiet + 1 : 0;
+    seen = now;
   }
   flush();
+  state.counters["warm_up_steps"] = warm_steps;
   const std::uint64_t warm = s.get() / 2;
 
   allocation_probe probe;
