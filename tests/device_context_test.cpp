@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <functional>
@@ -275,6 +276,25 @@ TEST_P(Async, RunFifoAcrossStepsOneAtATime) {
   EXPECT_FALSE(overlapped);
 }
 
+// Counts its live copies in `*alive`: captured by closures, it tells whether each closure was
+// destroyed exactly once.
+struct counted {
+  std::atomic<int>* alive;
+  explicit counted(std::atomic<int>* a) : alive(a) { alive->fetch_add(1); }
+  counted(const counted& o) : alive(o.alive) { alive->fetch_add(1); }
+  ~counted() { alive->fetch_sub(1); }
+};
+
+// `d.add_step_closure(f)`, asynchronous if `async`.
+template <class F>
+void add_either(device_context& d, bool async, F f) {
+  if (async) {
+    d.add_step_closure(run_async, std::move(f));
+  } else {
+    d.add_step_closure(std::move(f));
+  }
+}
+
 TEST_P(Async, ClosuresOfEverySizeCrossChunksInOrderAndAreDestroyedOnce) {
   // Closures are stored as records of 16 to 64 bytes end to end in 8 KiB chunks (callables
   // over 56 bytes on the heap), so steps of varied sizes put record ends and step ends at every
@@ -283,12 +303,6 @@ TEST_P(Async, ClosuresOfEverySizeCrossChunksInOrderAndAreDestroyedOnce) {
   scheduler s(quiet_options(50));
   device_context& d = s.device("d");
   std::atomic<int> alive{0};
-  struct counted {
-    std::atomic<int>* alive;
-    explicit counted(std::atomic<int>* a) : alive(a) { alive->fetch_add(1); }
-    counted(const counted& o) : alive(o.alive) { alive->fetch_add(1); }
-    ~counted() { alive->fetch_sub(1); }
-  };
   std::vector<int> sync_order;   // the step-ending thread only
   std::vector<int> async_order;  // one async closure at a time
   int next_sync = 0;
@@ -299,13 +313,7 @@ TEST_P(Async, ClosuresOfEverySizeCrossChunksInOrderAndAreDestroyedOnce) {
     const int i = next++;
     const counted c(&alive);
     auto push = [&order, i] { order.push_back(i); };
-    auto add_one = [&](auto f) {
-      if (async) {
-        d.add_step_closure(run_async, std::move(f));
-      } else {
-        d.add_step_closure(std::move(f));
-      }
-    };
+    auto add_one = [&](auto f) { add_either(d, async, std::move(f)); };
     switch (size_class) {
       case 0:
         add_one([push] { push(); });
@@ -352,13 +360,6 @@ struct failing_step_fixture {
   std::vector<int> ran;  // one thread at a time: the step end (sync) or the drainer (async)
   int next = 0;
 
-  struct counted {
-    std::atomic<int>* alive;
-    explicit counted(std::atomic<int>* a) : alive(a) { alive->fetch_add(1); }
-    counted(const counted& o) : alive(o.alive) { alive->fetch_add(1); }
-    ~counted() { alive->fetch_sub(1); }
-  };
-
   // Adds closure number `next` (from the calling thread); it throws if it is `failing`.
   void add(device_context& d, bool async, int failing, int size_class) {
     const int i = next++;
@@ -367,13 +368,7 @@ struct failing_step_fixture {
       if (i == failing) throw tagged_error{i};
       ran.push_back(i);
     };
-    auto add_one = [&](auto f) {
-      if (async) {
-        d.add_step_closure(run_async, std::move(f));
-      } else {
-        d.add_step_closure(std::move(f));
-      }
-    };
+    auto add_one = [&](auto f) { add_either(d, async, std::move(f)); };
     switch (size_class) {
       case 0:
         add_one([body, c] { body(); });
@@ -385,6 +380,32 @@ struct failing_step_fixture {
         add_one([body, c, pad = std::array<char, 200>{}] { body(); });  // on the heap
         break;
     }
+  }
+
+  // Five steps of 1,000 closures (24-64-byte records: 4-7 chunks), failing first, in the first
+  // chunk, in the other thread's closures, in a later chunk and last, then one that does not
+  // fail. `end_failing_step(unrun)` ends a step and returns the tag of the error it reports;
+  // `end_step()` ends one that does not fail. Returns the closures left unrun.
+  template <class EndFailingStep, class EndStep>
+  std::uint64_t run_failing_steps(device_context& d, bool async, EndFailingStep end_failing_step,
+                                  EndStep end_step) {
+    std::uint64_t unrun = 0;
+    std::size_t expected_ran = 0;
+    for (const int fail_at : {0, 100, 502, 900, 999}) {
+      const int first = next;
+      add_step(d, async, 1000, fail_at);
+      EXPECT_EQ(end_failing_step(static_cast<std::size_t>(999 - fail_at)), first + fail_at);
+      expected_ran += static_cast<std::size_t>(fail_at);
+      unrun += static_cast<std::uint64_t>(999 - fail_at);
+      EXPECT_EQ(ran.size(), expected_ran);
+      EXPECT_EQ(alive.load(), 0) << "every closure destroyed once, run or not";
+    }
+    for (int k = 0; k < 300; ++k) add(d, async, -1, k % 3);
+    end_step();
+    EXPECT_EQ(ran.size(), expected_ran + 300);
+    EXPECT_TRUE(std::is_sorted(ran.begin(), ran.end())) << "closures ran out of order";
+    EXPECT_EQ(alive.load(), 0);
+    return unrun;
   }
 
   // One step of `n` closures, the one at `fail_at` throwing; closures [n/2, n/2 + 5) are added by
@@ -409,69 +430,51 @@ TEST(Sync, AFailureInAStepSpanningChunksRunsWhatCameBeforeAndDestroysTheRestOnce
   scheduler s(quiet_options());
   device_context& d = s.device("d");
   failing_step_fixture f;
-  std::uint64_t dropped = 0;
-  std::size_t expected_ran = 0;
-  // Failure positions: first, in the first chunk, in the other thread's closures, in a later
-  // chunk, last. 1,000 closures of 24-64-byte records take 4-7 chunks.
-  for (const int fail_at : {0, 100, 502, 900, 999}) {
-    const int first = f.next;
-    f.add_step(d, false, 1000, fail_at);
-    try {
-      d.run_step_closures();
-      ADD_FAILURE() << "no exception for the closure at " << fail_at;
-    } catch (const tagged_error& e) {
-      EXPECT_EQ(e.tag, first + fail_at);
-    }
-    expected_ran += static_cast<std::size_t>(fail_at);
-    dropped += static_cast<std::uint64_t>(999 - fail_at);
-    ASSERT_EQ(f.ran.size(), expected_ran);
-    EXPECT_EQ(f.alive.load(), 0) << "every closure destroyed once, run or not";
-  }
-  for (int k = 0; k < 300; ++k) f.add(d, false, -1, k % 3);
-  d.run_step_closures();
-  ASSERT_EQ(f.ran.size(), expected_ran + 300);
-  for (std::size_t i = 1; i < f.ran.size(); ++i) ASSERT_LT(f.ran[i - 1], f.ran[i]);
+  const std::uint64_t dropped = f.run_failing_steps(
+      d, false,
+      [&](std::size_t) {
+        try {
+          d.run_step_closures();
+        } catch (const tagged_error& e) {
+          return e.tag;
+        }
+        ADD_FAILURE() << "no exception";
+        return -1;
+      },
+      [&] { d.run_step_closures(); });
   const device_metrics m = s.metrics().devices.at(0);
   EXPECT_EQ(m.dropped_sync, dropped);
   EXPECT_EQ(m.failed_sync, 5u);
-  EXPECT_EQ(f.alive.load(), 0);
 }
 
 TEST_P(Async, AFailureInAStepSpanningChunksRunsWhatCameBeforeAndDiscardsTheRestOnce) {
   scheduler s(quiet_options(2000));
   device_context& d = s.device("d");
   failing_step_fixture f;
-  std::uint64_t discarded = 0;
-  std::size_t expected_ran = 0;
-  for (const int fail_at : {0, 100, 502, 900, 999}) {
-    const int first = f.next;
-    f.add_step(d, true, 1000, fail_at);
-    d.run_step_closures();
-    try {
-      d.flush();
-      ADD_FAILURE() << "no failure reported for the closure at " << fail_at;
-    } catch (const async_closure_error& e) {
-      EXPECT_EQ(e.discarded(), static_cast<std::size_t>(999 - fail_at));
-      try {
-        std::rethrow_exception(e.original());
-      } catch (const tagged_error& original) {
-        EXPECT_EQ(original.tag, first + fail_at);
-      }
-    }
-    expected_ran += static_cast<std::size_t>(fail_at);
-    discarded += static_cast<std::uint64_t>(999 - fail_at);
-    ASSERT_EQ(f.ran.size(), expected_ran);
-    EXPECT_EQ(f.alive.load(), 0) << "every closure destroyed once, run or not";
-  }
-  for (int k = 0; k < 300; ++k) f.add(d, true, -1, k % 3);
-  d.run_step_closures();
-  d.flush();
-  ASSERT_EQ(f.ran.size(), expected_ran + 300);
-  for (std::size_t i = 1; i < f.ran.size(); ++i) ASSERT_LT(f.ran[i - 1], f.ran[i]);
+  const std::uint64_t discarded = f.run_failing_steps(
+      d, true,
+      [&](std::size_t unrun) {
+        d.run_step_closures();
+        try {
+          d.flush();
+        } catch (const async_closure_error& e) {
+          EXPECT_EQ(e.discarded(), unrun);
+          try {
+            std::rethrow_exception(e.original());
+          } catch (const tagged_error& original) {
+            return original.tag;
+          }
+        }
+        ADD_FAILURE() << "no failure reported";
+        return -1;
+      },
+      [&] {
+        d.run_step_closures();
+        d.flush();
+      });
   const device_metrics m = s.metrics().devices.at(0);
   EXPECT_EQ(m.discarded_async, discarded);
   EXPECT_EQ(m.failed_async, 5u);
-  EXPECT_EQ(f.alive.load(), 0);
 }
 
 TEST_P(Async, FailureIsReportedOnceByTheNextStepEndWithTheOriginalNested) {
