@@ -85,7 +85,7 @@ class closure_batch {
   /// Destroys every closure without running it; returns how many there were.
   std::size_t discard() noexcept {
     const std::size_t n = size_;
-    if (n != 0) consume([](closure_ref) noexcept { return true; }, [](std::size_t) noexcept {});
+    if (n != 0) consume(destroy_only, no_failure);
     return n;
   }
 
@@ -96,6 +96,10 @@ class closure_batch {
     std::uint32_t offset;
     std::uint32_t count;
   };
+
+  // Callbacks of a walk that only destroys closures.
+  static constexpr auto destroy_only = [](closure_ref) noexcept { return true; };
+  static constexpr auto no_failure = [](std::size_t) noexcept {};
 
   // Where a walk through one segment's records stands: lets the walk stop at a failed closure
   // and go on discarding from the same place.
@@ -178,9 +182,7 @@ inline std::size_t closure_batch::consume(Run&& run, AfterFailure&& after_failur
     if (!failed) {
       failed = !consume_segment(s, later, run, note_failure);
     } else {
-      auto none = [](closure_ref) noexcept { return true; };
-      auto nothing = [](std::size_t) noexcept {};
-      consume_segment(s, later, none, nothing);
+      consume_segment(s, later, destroy_only, no_failure);
     }
   };
   for (std::uint32_t i = 0; i < inline_count_; ++i) each(inline_[i]);
@@ -195,20 +197,19 @@ inline std::size_t closure_batch::consume(Run&& run, AfterFailure&& after_failur
 template <class Run, class AfterFailure>
 inline bool closure_batch::consume_segment(const segment& s, std::size_t later, Run& run,
                                            AfterFailure& after_failure) noexcept {
-  auto discard_rest = [](closure_ref) noexcept { return true; };
   if (s.lane == nullptr) {
     std::uint32_t index = s.offset;
     const std::uint32_t end = s.offset + s.count;
     if (walk_held(index, end, run)) return true;
     after_failure(end - index + later);
-    walk_held(index, end, discard_rest);
+    walk_held(index, end, destroy_only);
     return false;
   }
   record_cursor c{s.lane, s.chunk, s.chunk->records + s.offset, s.count, s.count};
   const bool ok = walk_records(c, run);
   if (!ok) {
     after_failure(c.left + later);
-    walk_records(c, discard_rest);
+    walk_records(c, destroy_only);
   }
   if (c.left_when_entered != c.left) records_done(c.lane, c.chunk, c.left_when_entered - c.left);
   return ok;

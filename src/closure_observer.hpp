@@ -65,7 +65,8 @@ class observed_batch {
   /// failure after the handler ended.
   bool run(closure_ref c, std::exception_ptr& error) noexcept {
     ++ran_;
-    return run_counted(c, error, until_sample_);
+    return tracing_ ? run_counted<true>(c, error, until_sample_)
+                    : run_counted<false>(c, error, until_sample_);
   }
   bool run(closure& c, std::exception_ptr& error) noexcept {
     return run(closure_access::ref(c), error);
@@ -85,22 +86,19 @@ class observed_batch {
     const std::size_t n = batch.size();
     std::uint32_t until_sample = until_sample_;
     std::size_t unrun = 0;
+    // Two loops, so that the common one does not test for a trace per closure.
     if (!tracing_) [[likely]] {
       unrun = batch.consume(
           [&](closure_ref c) noexcept {
             before_each();
-            if (--until_sample == 0) [[unlikely]] {
-              until_sample = run_time_sample_every;
-              return run_timed(c, error, true);
-            }
-            return call(c, error);
+            return run_counted<false>(c, error, until_sample);
           },
           on_failure);
     } else {
       unrun = batch.consume(
           [&](closure_ref c) noexcept {
             before_each();
-            return run_counted(c, error, until_sample);
+            return run_counted<true>(c, error, until_sample);
           },
           on_failure);
     }
@@ -115,10 +113,11 @@ class observed_batch {
 
  private:
   /// Calls `c`, timed alone when `until_sample` counts down to zero (then restarted) or when
-  /// tracing.
+  /// tracing (`Tracing` is `tracing_`).
+  template <bool Tracing>
   bool run_counted(closure_ref c, std::exception_ptr& error, std::uint32_t& until_sample) noexcept {
     const bool sampled = --until_sample == 0;
-    if (!sampled && !tracing_) [[likely]]
+    if (!sampled && !Tracing) [[likely]]
       return call(c, error);
     if (sampled) until_sample = run_time_sample_every;
     return run_timed(c, error, sampled);
