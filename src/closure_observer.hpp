@@ -85,23 +85,17 @@ class observed_batch {
                       OnFailure&& on_failure) noexcept {
     const std::size_t n = batch.size();
     std::uint32_t until_sample = until_sample_;
-    std::size_t unrun = 0;
-    // Two loops, so that the common one does not test for a trace per closure.
-    if (!tracing_) [[likely]] {
-      unrun = batch.consume(
+    // One loop per value of `tracing_`, so that the common one does not test it per closure.
+    const auto run_loop = [&]<bool Tracing>() {
+      return batch.consume(
           [&](closure_ref c) noexcept {
             before_each();
-            return run_counted<false>(c, error, until_sample);
+            return run_counted<Tracing>(c, error, until_sample);
           },
           on_failure);
-    } else {
-      unrun = batch.consume(
-          [&](closure_ref c) noexcept {
-            before_each();
-            return run_counted<true>(c, error, until_sample);
-          },
-          on_failure);
-    }
+    };
+    const std::size_t unrun =
+        tracing_ ? run_loop.template operator()<true>() : run_loop.template operator()<false>();
     until_sample_ = until_sample;
     // The failed closure ran too.
     ran_ += n - unrun;
