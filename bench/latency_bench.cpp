@@ -13,14 +13,28 @@
 // Baselines: (a) one TBB task per closure, (b) the torch._lazy port (a condition variable wakes
 // its consumer thread).
 //
+// Floors (not schedulers, no queue, no closures beyond the stamp): what the machine itself takes
+// to get a step's end noticed by another thread. `wake_floor`: one thread blocked in a futex,
+// woken by the step end (what any design pays whose idle thread sleeps); `spin_floor`: one
+// thread spinning with `pause` on the step counter, never sleeping (what a design pays that
+// keeps a CPU busy for it). They bound what the targets can ask of this machine.
+//
 // Target: p99 <= 5 us at a 50 us period (worker awake), <= 60 us at a few ms (worker asleep).
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "baselines.hpp"
 #include "bench_support.hpp"
@@ -137,6 +151,85 @@ void latency_torch_port(benchmark::State& state) {
       [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
 }
 
+#if defined(__linux__)
+/// The floors' "device": a thread that waits for step ends and stamps each step's stamp, either
+/// blocked in a futex (woken by every step end, as a sleeping worker is) or spinning. Steps it
+/// finds together (it was slower than the period) all get the same start time.
+class bare_handoff_device {
+ public:
+  enum class waiting { futex, spin };
+
+  explicit bare_handoff_device(waiting how) : how_(how), waiter_([this] { wait_loop(); }) {}
+  ~bare_handoff_device() {
+    stop_.store(true, std::memory_order_relaxed);
+    publish(ended_.load(std::memory_order_relaxed) + 1);
+    waiter_.join();
+  }
+  bare_handoff_device(const bare_handoff_device&) = delete;
+  bare_handoff_device& operator=(const bare_handoff_device&) = delete;
+
+  void add(stamp st) noexcept { stamps_[ended_.load(std::memory_order_relaxed) % ring] = st; }
+  // The work closures are not what is measured: run inline, for the sink check only.
+  void add(const work<16>& w) noexcept { w(); }
+  void run_step_closures() noexcept {
+    const std::uint32_t next = ended_.load(std::memory_order_relaxed) + 1;
+    // Never reached at these periods; keeps a stalled waiter's stamps from being overwritten.
+    while (next - stamped_.load(std::memory_order_acquire) >= ring) __builtin_ia32_pause();
+    publish(next);
+  }
+  void flush() noexcept {
+    while (stamped_.load(std::memory_order_acquire) != ended_.load(std::memory_order_relaxed)) {
+      __builtin_ia32_pause();
+    }
+  }
+
+ private:
+  static constexpr std::uint32_t ring = 1024;
+
+  void publish(std::uint32_t step) noexcept {
+    ended_.store(step, std::memory_order_release);
+    if (how_ == waiting::futex) futex(FUTEX_WAKE_PRIVATE, 1);
+  }
+  void futex(int op, std::uint32_t value) noexcept {
+    syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&ended_), op, value, nullptr, nullptr, 0);
+  }
+  void wait_loop() noexcept {
+    std::uint32_t seen = 0;
+    for (;;) {
+      std::uint32_t now_ended = ended_.load(std::memory_order_acquire);
+      while (now_ended == seen) {
+        if (how_ == waiting::futex) {
+          futex(FUTEX_WAIT_PRIVATE, seen);
+        } else {
+          __builtin_ia32_pause();
+        }
+        now_ended = ended_.load(std::memory_order_acquire);
+      }
+      if (stop_.load(std::memory_order_relaxed)) return;
+      for (; seen != now_ended; ++seen) stamps_[seen % ring]();
+      stamped_.store(seen, std::memory_order_release);
+    }
+  }
+
+  const waiting how_;
+  std::array<stamp, ring> stamps_{};
+  alignas(64) std::atomic<std::uint32_t> ended_{0};
+  alignas(64) std::atomic<std::uint32_t> stamped_{0};
+  std::atomic<bool> stop_{false};
+  std::thread waiter_;
+};
+static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
+
+template <bare_handoff_device::waiting How>
+void latency_floor(benchmark::State& state) {
+  bare_handoff_device dev(How);
+  sink s;
+  run_latency_loop(
+      state, s, [&](stamp st) { dev.add(st); }, [&](const work<16>& w) { dev.add(w); },
+      [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
+}
+#endif
+
 void latency_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"period_us", "gap", "steps"});
   b->Args({50, spin, 20'000});    // worker awake: 1 s per run
@@ -150,5 +243,13 @@ void latency_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(latency_stepflow)->Name("B5_latency/stepflow")->Apply(latency_args);
 BENCHMARK(latency_task_per_closure)->Name("B5_latency/tbb_task_per_closure")->Apply(latency_args);
 BENCHMARK(latency_torch_port)->Name("B5_latency/torch_port")->Apply(latency_args);
+#if defined(__linux__)
+BENCHMARK(latency_floor<bare_handoff_device::waiting::futex>)
+    ->Name("B5_latency/wake_floor")
+    ->Apply(latency_args);
+BENCHMARK(latency_floor<bare_handoff_device::waiting::spin>)
+    ->Name("B5_latency/spin_floor")
+    ->Apply(latency_args);
+#endif
 
 STEPFLOW_BENCHMARK_MAIN();

@@ -455,7 +455,9 @@ B5_REGIMES = [
     ((2000, 1), "step every 2 ms, training thread asleep (worker asleep)", 60000),
 ]
 B5_IMPLS = [("stepflow", "stepflow"), ("tbb_task_per_closure", "(a) task per closure"),
-            ("torch_port", "(b) torch port")]
+            ("torch_port", "(b) torch port"),
+            ("wake_floor", "floor: a thread woken from a futex (no scheduler)"),
+            ("spin_floor", "floor: a thread spinning, never asleep (no scheduler)")]
 
 
 def section_b5(res: Results) -> str:
@@ -590,8 +592,11 @@ def targets(res: Results) -> list[list[str]]:
     for (period, gap), label, limit in B5_REGIMES:
         r = res.find("B5_latency", "stepflow", period_us=period, gap=gap)
         p99 = None if r is None else r.get("p99_ns")
+        floor = res.find("B5_latency", "wake_floor", period_us=period, gap=gap)
+        floor_text = "" if floor is None else \
+            f"; a bare futex wake: p99 {us(floor.get('p99_ns'))} µs"
         add(f"B5 latency, {label}: p99 ≤ {limit // 1000} µs",
-            f"p99 {us(p99)} µs (p50 {us(r.get('p50_ns')) if r else 'n/a'} µs)",
+            f"p99 {us(p99)} µs (p50 {us(r.get('p50_ns')) if r else 'n/a'} µs{floor_text})",
             None if p99 is None else p99 <= limit)
     # B6
     for producers, _, label in B6_PRODUCERS:
