@@ -46,6 +46,7 @@ using namespace stepflow_bench;
 
 constexpr std::size_t queue_bound = 100;
 constexpr int closures_per_step = 10;
+constexpr std::int64_t warm_up_ns = 300'000'000;
 
 enum gap_mode : std::int64_t { spin = 0, sleep = 1 };
 
@@ -81,10 +82,15 @@ void run_latency_loop(benchmark::State& state, sink& s, AddStamp add_stamp, AddW
   std::vector<std::int64_t> latencies;
   latencies.reserve(steps * static_cast<std::size_t>(state.max_iterations));
 
-  // Warm-up: a few steps at the same period.
+  // Warm-up: steps at the same period for at least 300 ms. Threads created at the first step
+  // end (oneTBB creates its workers then) can start on the training thread's CPU and stay
+  // there, runnable, for ~100-150 ms until the kernel moves them to the idle CPU; meanwhile a
+  // closure waits for the 4 ms scheduler tick (measured here: with 20 warm-up steps, the first
+  // ~45-80 steps of stepflow's 2 ms run waited 0.3-3.6 ms when it ran first in the process).
   {
     std::int64_t warm_stamp = 0;
-    for (int i = 0; i < 20; ++i) {
+    const std::int64_t warm_until = now_ns() + warm_up_ns;
+    for (int i = 0; i < 20 || now_ns() < warm_until; ++i) {
       spin_until(now_ns() + period_ns);
       add_stamp(stamp{&warm_stamp});
       end_step();
