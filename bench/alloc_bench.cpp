@@ -100,6 +100,7 @@ void* counted_new(std::size_t n) {
 }
 void* counted_new(std::size_t n, std::align_val_t alignment) {
   operator_news.fetch_add(1, std::memory_order_relaxed);
+  if (trace_news.load(std::memory_order_relaxed)) trace_new(n);
   const auto a = static_cast<std::size_t>(alignment);
   if (void* p = std::aligned_alloc(a, (n + a - 1) / a * a)) return p;
   throw std::bad_alloc();
