@@ -141,20 +141,23 @@ void latency_stepflow(benchmark::State& state) {
       [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
 }
 
-void latency_task_per_closure(benchmark::State& state) {
-  task_per_closure_device dev;
+/// The baselines and floors: add(callable), run_step_closures(), flush().
+template <class Device>
+void run_latency_loop_on(benchmark::State& state, Device& dev) {
   sink s;
   run_latency_loop(
       state, s, [&](stamp st) { dev.add(st); }, [&](const work<16>& w) { dev.add(w); },
       [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
 }
 
+void latency_task_per_closure(benchmark::State& state) {
+  task_per_closure_device dev;
+  run_latency_loop_on(state, dev);
+}
+
 void latency_torch_port(benchmark::State& state) {
   torch_port_device dev(queue_bound);
-  sink s;
-  run_latency_loop(
-      state, s, [&](stamp st) { dev.add(st); }, [&](const work<16>& w) { dev.add(w); },
-      [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
+  run_latency_loop_on(state, dev);
 }
 
 #if defined(__linux__)
@@ -229,10 +232,7 @@ static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 template <bare_handoff_device::waiting How>
 void latency_floor(benchmark::State& state) {
   bare_handoff_device dev(How);
-  sink s;
-  run_latency_loop(
-      state, s, [&](stamp st) { dev.add(st); }, [&](const work<16>& w) { dev.add(w); },
-      [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
+  run_latency_loop_on(state, dev);
 }
 #endif
 
