@@ -12,8 +12,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <thread>
-#include <vector>
 
 #include "bench_support.hpp"
 
@@ -38,11 +39,11 @@ void handoff_spsc(benchmark::State& state) {
   const auto per_step = static_cast<std::uint64_t>(state.range(2));
   const std::uint64_t total = 1'000'000;
   // Line-aligned, as stepflow's chunks are.
-  struct alignas(64) line {
-    unsigned char bytes[64];
+  struct aligned_delete {
+    void operator()(record* p) const noexcept { ::operator delete[](p, std::align_val_t{64}); }
   };
-  std::vector<line> lines((ring * sizeof(record) + 63) / 64);
-  record* const buffer = reinterpret_cast<record*>(lines.data());
+  const std::unique_ptr<record[], aligned_delete> storage(new (std::align_val_t{64}) record[ring]);
+  record* const buffer = storage.get();
   struct alignas(64) counter {
     std::atomic<std::uint64_t> value{0};
   };
