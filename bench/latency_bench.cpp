@@ -177,15 +177,15 @@ class bare_handoff_device {
   bare_handoff_device(const bare_handoff_device&) = delete;
   bare_handoff_device& operator=(const bare_handoff_device&) = delete;
 
-  void add(stamp st) noexcept { stamps_[ended_.load(std::memory_order_relaxed) % ring] = st; }
+  void add(stamp st) noexcept {
+    const std::uint32_t step = ended_.load(std::memory_order_relaxed);  // the step being added
+    // Never waits at these periods; keeps a stalled waiter's stamp slot from being reused.
+    while (step - stamped_.load(std::memory_order_acquire) >= ring) __builtin_ia32_pause();
+    stamps_[step % ring] = st;
+  }
   // The work closures are not what is measured: run inline, for the sink check only.
   void add(const work<16>& w) noexcept { w(); }
-  void run_step_closures() noexcept {
-    const std::uint32_t next = ended_.load(std::memory_order_relaxed) + 1;
-    // Never reached at these periods; keeps a stalled waiter's stamps from being overwritten.
-    while (next - stamped_.load(std::memory_order_acquire) >= ring) __builtin_ia32_pause();
-    publish(next);
-  }
+  void run_step_closures() noexcept { publish(ended_.load(std::memory_order_relaxed) + 1); }
   void flush() noexcept {
     while (stamped_.load(std::memory_order_acquire) != ended_.load(std::memory_order_relaxed)) {
       __builtin_ia32_pause();
