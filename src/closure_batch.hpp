@@ -111,11 +111,12 @@ class closure_batch {
     std::uint32_t left_when_entered;  // `left` when the walk entered `chunk`
   };
 
-  // Always inlined into the caller's loop: then what the callbacks keep per closure (counters)
-  // stays in registers across the closures' indirect calls instead of being reloaded through a
-  // pointer for every closure. A failure ends the running walk, and a second walk discards the
-  // rest, so the loop that runs closures carries no "failed" flag; the records done in a chunk
-  // are derived from the count left, not counted.
+  // Always inlined, so that each callback is inlined into the loop that walks the records. (Not
+  // that its state then stays in registers: the closures are opaque calls, and the sampling
+  // countdown that observed_batch keeps is still decremented in memory per closure, as the
+  // disassembly shows; docs/benchmarks.md, B1, measures what that costs.) A failure ends the
+  // running walk, and a second walk discards the rest, so the loop that runs closures carries no
+  // "failed" flag; the records done in a chunk are derived from the count left, not counted.
   template <class Visit>
   [[gnu::always_inline]] static bool walk_records(record_cursor& c, Visit& visit) noexcept;
   template <class Visit>
