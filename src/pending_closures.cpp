@@ -1,5 +1,9 @@
 #include "pending_closures.hpp"
 
+#include <algorithm>
+#include <array>
+#include <new>
+
 namespace stepflow::detail {
 
 namespace {
@@ -169,6 +173,7 @@ std::uint64_t pending_closures::pushed() const noexcept {
 }
 
 lane_chunk* pending_closures::new_chunk() {
+  std::size_t headroom = 0;
   {
     std::lock_guard lock(spare_mutex_);
     if (!spare_chunks_.empty()) {
@@ -176,22 +181,43 @@ lane_chunk* pending_closures::new_chunk() {
       spare_chunks_.pop_back();
       return c;
     }
+    // Every chunk is in use: demand reached a new high. How many chunks are in use at once
+    // depends on where the runner is when a step begins, so a workload of fixed-size steps can
+    // reach a new high long after it settled. Growing one chunk at a time would allocate at each
+    // such high; doubling (like a vector) leaves room for twice today's high, so allocations
+    // stop after a few early ones instead of surfacing now and then in steady state.
+    headroom = std::min(chunks_, max_spare_chunks);
   }
-  return new lane_chunk;
+  lane_chunk* const c = new lane_chunk;
+  // The headroom is optional: without memory for it the lane still works, one chunk at a time.
+  std::size_t added = 0;
+  std::array<lane_chunk*, max_spare_chunks> spares{};
+  try {
+    for (; added < headroom; ++added) spares[added] = new lane_chunk;
+  } catch (const std::bad_alloc&) {
+    // Keep the ones allocated so far.
+  }
+  std::lock_guard lock(spare_mutex_);
+  chunks_ += 1 + added;
+  for (std::size_t i = 0; i < added; ++i) keep_or_delete_locked(spares[i]);
+  return c;
+}
+
+void pending_closures::keep_or_delete_locked(lane_chunk* c) noexcept {
+  if (spare_chunks_.size() < max_spare_chunks) {
+    spare_chunks_.push_back(c);  // never allocates: reserved to max_spare_chunks
+    return;
+  }
+  --chunks_;
+  delete c;
 }
 
 void pending_closures::recycle(lane_chunk* c) noexcept {
   c->next = nullptr;
   c->sealed_records = 0;
   c->done.store(0, std::memory_order_relaxed);
-  {
-    std::lock_guard lock(spare_mutex_);
-    if (spare_chunks_.size() < max_spare_chunks) {
-      spare_chunks_.push_back(c);
-      return;
-    }
-  }
-  delete c;
+  std::lock_guard lock(spare_mutex_);
+  keep_or_delete_locked(c);
 }
 
 }  // namespace stepflow::detail

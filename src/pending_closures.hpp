@@ -63,6 +63,7 @@ class pending_closures : public closure_lane_tail {
   void take_owned_upto(std::uint64_t word, closure_batch& out);
   lane_chunk* new_chunk();
   void recycle(lane_chunk* c) noexcept;
+  void keep_or_delete_locked(lane_chunk* c) noexcept;
 
   lane_chunk* tail_chunk_;             // owner-only
   std::uint64_t tail_chunk_word_ = 0;  // owner-only: `word_` when `tail_chunk_` was started
@@ -85,6 +86,7 @@ class pending_closures : public closure_lane_tail {
   // Chunks whose records all ran, for the owner to reuse.
   std::mutex spare_mutex_;
   std::vector<lane_chunk*> spare_chunks_;  // guarded by spare_mutex_
+  std::size_t chunks_ = 1;                 // guarded by spare_mutex_: every chunk this lane owns
 };
 
 }  // namespace stepflow::detail
