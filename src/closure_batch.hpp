@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -277,10 +278,13 @@ inline bool closure_batch::walk_records(record_cursor& c, Visit& visit) noexcept
   return go_on;
 }
 
-/// Empty batches with capacity. Thread-safe; a lock per batch, never per closure.
+/// Empty batches with capacity. Thread-safe; a lock per batch, never per closure. It keeps every
+/// batch that comes back with buffers, as many as were ever in flight at once (bounded by the
+/// queue's capacity): a fixed number would make a steady state with more batches in flight than
+/// that allocate at every step.
 class batch_pool {
  public:
-  batch_pool() { spare_.reserve(max_spare); }
+  batch_pool() { spare_.reserve(initial_capacity); }
 
   closure_batch acquire() {
     std::lock_guard lock(mutex_);
@@ -290,17 +294,24 @@ class batch_pool {
     return b;
   }
 
-  /// Destroys what is left in `b`, then keeps it unless the pool is full.
+  /// Destroys what is left in `b`, then keeps it (its buffers are what is worth keeping).
   void release(closure_batch&& b) noexcept {
     b.discard();
     if (!b.has_buffers()) return;
     std::lock_guard lock(mutex_);
-    if (spare_.size() < max_spare) spare_.push_back(std::move(b));
+    if (spare_.size() == spare_.capacity()) {
+      // Doubling the list, so that it stops growing at the most batches ever in flight.
+      try {
+        spare_.reserve(2 * spare_.capacity());
+      } catch (const std::bad_alloc&) {
+        return;  // the caller destroys `b`; the pool works without it
+      }
+    }
+    spare_.push_back(std::move(b));
   }
 
  private:
-  // Enough for the batches of every step in flight; more would only pin memory after a burst.
-  static constexpr std::size_t max_spare = 32;
+  static constexpr std::size_t initial_capacity = 32;
   std::mutex mutex_;
   std::vector<closure_batch> spare_;
 };

@@ -7,9 +7,8 @@
 namespace stepflow::detail {
 
 namespace {
-// Spare chunks kept per lane (8 KiB each): a step of up to ~1,000 closures of 48 bytes reuses
-// them without allocating; at most 128 KiB per lane.
-constexpr std::size_t max_spare_chunks = 16;
+// The most chunks (8 KiB each) a lane adds beyond the one it needs when it grows.
+constexpr std::size_t max_headroom_chunks = 64;
 
 constexpr std::uint64_t offset_mask = (std::uint64_t{1} << 14) - 1;
 constexpr std::uint64_t sequence_mask = (std::uint64_t{1} << 20) - 1;
@@ -37,7 +36,7 @@ pending_closures::pending_closures() : tail_chunk_(new lane_chunk), head_(tail_c
   // which claims the lane; from then on `tail_` points into this chunk.
   tail_ = tail_chunk_->records;
   end_ = tail_;
-  spare_chunks_.reserve(max_spare_chunks);
+  spare_chunks_.reserve(chunks_);  // recycling never allocates: see new_chunk
 }
 
 pending_closures::~pending_closures() {
@@ -182,34 +181,28 @@ lane_chunk* pending_closures::new_chunk() {
       return c;
     }
     // Every chunk is in use: demand reached a new high. How many chunks are in use at once
-    // depends on where the runner is when a step begins, so a workload of fixed-size steps can
-    // reach a new high long after it settled. Growing one chunk at a time would allocate at each
-    // such high; doubling (like a vector) leaves room for twice today's high, so allocations
-    // stop after a few early ones instead of surfacing now and then in steady state.
-    headroom = std::min(chunks_, max_spare_chunks);
+    // depends on where a step's records start in a chunk and how far the runner is behind, so
+    // steps of a fixed size reach new highs long after they settled. Growing one chunk at a
+    // time would allocate at each of them; doubling (up to a limit, as the high may be one huge
+    // step) leaves room for the next ones.
+    headroom = std::min(chunks_, max_headroom_chunks);
+    // Room for every chunk the lane will own, so that `recycle` (noexcept, on any thread) never
+    // allocates. If this throws, nothing has changed.
+    spare_chunks_.reserve(chunks_ + 1 + headroom);
   }
   lane_chunk* const c = new lane_chunk;
   // The headroom is optional: without memory for it the lane still works, one chunk at a time.
   std::size_t added = 0;
-  std::array<lane_chunk*, max_spare_chunks> spares{};
+  std::array<lane_chunk*, max_headroom_chunks> extra{};
   try {
-    for (; added < headroom; ++added) spares[added] = new lane_chunk;
+    for (; added < headroom; ++added) extra[added] = new lane_chunk;
   } catch (const std::bad_alloc&) {
     // Keep the ones allocated so far.
   }
   std::lock_guard lock(spare_mutex_);
   chunks_ += 1 + added;
-  for (std::size_t i = 0; i < added; ++i) keep_or_delete_locked(spares[i]);
+  spare_chunks_.insert(spare_chunks_.end(), extra.begin(), extra.begin() + added);
   return c;
-}
-
-void pending_closures::keep_or_delete_locked(lane_chunk* c) noexcept {
-  if (spare_chunks_.size() < max_spare_chunks) {
-    spare_chunks_.push_back(c);  // never allocates: reserved to max_spare_chunks
-    return;
-  }
-  --chunks_;
-  delete c;
 }
 
 void pending_closures::recycle(lane_chunk* c) noexcept {
@@ -217,7 +210,7 @@ void pending_closures::recycle(lane_chunk* c) noexcept {
   c->sealed_records = 0;
   c->done.store(0, std::memory_order_relaxed);
   std::lock_guard lock(spare_mutex_);
-  keep_or_delete_locked(c);
+  spare_chunks_.push_back(c);  // within the capacity new_chunk reserved
 }
 
 }  // namespace stepflow::detail

@@ -63,7 +63,6 @@ class pending_closures : public closure_lane_tail {
   void take_owned_upto(std::uint64_t word, closure_batch& out);
   lane_chunk* new_chunk();
   void recycle(lane_chunk* c) noexcept;
-  void keep_or_delete_locked(lane_chunk* c) noexcept;
 
   lane_chunk* tail_chunk_;             // owner-only
   std::uint64_t tail_chunk_word_ = 0;  // owner-only: `word_` when `tail_chunk_` was started
@@ -83,9 +82,11 @@ class pending_closures : public closure_lane_tail {
   std::vector<tagged> shared_;                  // guarded by shared_mutex_
   std::atomic<std::uint64_t> shared_count_{0};  // written under shared_mutex_
 
-  // Chunks whose records all ran, for the owner to reuse.
+  // Chunks whose records all ran, for the owner to reuse. A lane keeps every chunk it
+  // allocated until it is destroyed, as a vector keeps its capacity: at most twice the most it
+  // had in use at once (that many plus 64 past 64).
   std::mutex spare_mutex_;
-  std::vector<lane_chunk*> spare_chunks_;  // guarded by spare_mutex_
+  std::vector<lane_chunk*> spare_chunks_;  // guarded by spare_mutex_; capacity >= chunks_
   std::size_t chunks_ = 1;                 // guarded by spare_mutex_: every chunk this lane owns
 };
 

@@ -1,9 +1,11 @@
-// pending_closures: a lane's chunks are reused, and the lane grows with headroom, so steady state
-// allocates nothing even when the chunks in use at once reach a new high.
+// What a device recycles so that steady state allocates nothing: a lane's chunks
+// (pending_closures) and batches with buffers (batch_pool). Each grows with headroom and keeps
+// what it grew, so neither allocates again when what is in use at once reaches a new high or
+// exceeds a fixed pool.
 //
-// The lane is driven directly from one thread (its owner): a step end is `take` into a batch,
+// The lane and the pool are driven directly from one thread: a step end is `take` into a batch,
 // and the batch is run (or discarded) whenever the test says, which is what decides how many
-// chunks are in use at once. No scheduler and no threads, so every count here is exact.
+// chunks or batches are in use at once. No scheduler and no threads, so every count is exact.
 
 #include <gtest/gtest.h>
 
@@ -47,6 +49,15 @@ void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::fre
 namespace stepflow::detail {
 namespace {
 
+void run_all(closure_batch& batch) {
+  batch.consume(
+      [](closure_ref c) {
+        c();
+        return true;
+      },
+      [](std::size_t) {});
+}
+
 struct lane_driver {
   pending_closures lane;
   int ran = 0;
@@ -62,14 +73,7 @@ struct lane_driver {
     lane.take(batch);
     return batch;
   }
-  void run(closure_batch& batch) {
-    batch.consume(
-        [](closure_ref c) {
-          c();
-          return true;
-        },
-        [](std::size_t) {});
-  }
+  void run(closure_batch& batch) { run_all(batch); }
 };
 
 // 16 bytes of capture: a 24-byte record.
@@ -94,6 +98,25 @@ TEST(PendingClosures, StepsOfTheSameSizeAllocateNothingAfterTheFirst) {
   }
   EXPECT_EQ(allocations.load(), before);
   EXPECT_EQ(d.ran, static_cast<int>(203 * per_step));
+}
+
+TEST(PendingClosures, StepsOfMoreChunksThanASmallPoolAllocateNothingAfterTheFirst) {
+  // 40 chunks (~13,500 closures of 16 bytes, 320 KiB) in use at every step end.
+  lane_driver d;
+  const std::size_t per_step = 40 * records_per_chunk;
+  for (int step = 0; step < 2; ++step) {
+    d.add(per_step);
+    closure_batch b = d.take();
+    d.run(b);
+  }
+  const std::size_t before = allocations.load();
+  for (int step = 0; step < 20; ++step) {
+    d.add(per_step);
+    closure_batch b = d.take();
+    d.run(b);
+  }
+  EXPECT_EQ(allocations.load(), before);
+  EXPECT_EQ(d.ran, static_cast<int>(22 * per_step));
 }
 
 // The chunks in use at once depend on how far the runner is behind when a step begins (B7 found
@@ -136,6 +159,32 @@ TEST_F(PendingClosuresBehind, AfterGrowingOnceTheLaneHoldsTwiceWhatWasInUse) {
   steps_behind(50, 1);
   steps_behind(50, 0);
   EXPECT_EQ(allocations.load(), one_behind);
+}
+
+// Batches with buffers carry closures added by threads other than the lane's owner. With one such
+// closure per step and the runner behind, as many batches are in flight as the queue's capacity
+// allows (100 by default): more than a pool of fixed size kept.
+TEST(BatchPool, AsManyBatchesInFlightAsEverBeforeAllocateNothing) {
+  batch_pool pool;
+  int ran = 0;
+  auto round = [&](std::size_t in_flight) {
+    std::vector<closure_batch> flying;
+    flying.reserve(in_flight);
+    for (std::size_t i = 0; i < in_flight; ++i) {
+      flying.push_back(pool.acquire());
+      flying.back().add(closure([&ran] { ++ran; }));
+    }
+    for (closure_batch& b : flying) {
+      run_all(b);
+      pool.release(std::move(b));
+    }
+  };
+  round(100);
+  const std::size_t before = allocations.load();
+  for (int i = 0; i < 5; ++i) round(100);
+  // Each round's own list of 100 batches is one allocation.
+  EXPECT_EQ(allocations.load(), before + 5);
+  EXPECT_EQ(ran, 600);
 }
 
 TEST(PendingClosures, TheCounterSeesTheLanesChunkAllocations) {
