@@ -256,13 +256,16 @@ void alloc_torch_port(benchmark::State& state) {
   });
 }
 
-/// 100 closures per step (the size) for everything; stepflow also at 1000 per step,
-/// where a step needs more buffers than fit a small per-device pool.
+/// 100 closures per step (the size) for everything; stepflow also at 1,000 per step,
+/// where a step spans several lane chunks, and at 10,000, more chunks (up to 69) than a fixed
+/// pool of 16 spares kept before the eighth session.
 void alloc_args(benchmark::internal::Benchmark* b, std::int64_t async, bool large_steps) {
   b->ArgNames({"capture", "async", "per_step"});
   for (std::int64_t capture : {16, 48}) b->Args({capture, async, 100});
   if (large_steps) {
-    for (std::int64_t capture : {16, 48}) b->Args({capture, async, 1000});
+    for (std::int64_t per_step : {1000, 10000}) {
+      for (std::int64_t capture : {16, 48}) b->Args({capture, async, per_step});
+    }
   }
   b->UseRealTime();
 }

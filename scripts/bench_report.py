@@ -509,12 +509,17 @@ def section_b6(res: Results) -> str:
                  rows)
 
 
+# B7's step sizes: the issue's 100; 1,000, where a step spans several lane chunks; 10,000, more
+# chunks than a fixed pool of spares kept before the eighth session.
+B7_PER_STEP = (100, 1000, 10000)
+
+
 def section_b7(res: Results) -> str:
     rows = []
     for mode, ours_impl, base_impl, base_label in (
             ("sync", "stepflow_sync", "vector_function", "vector<std::function>"),
             ("async", "stepflow_async", "torch_port", "(b) torch port")):
-        for per_step in (100, 1000):
+        for per_step in B7_PER_STEP:
             for capture in (16, 48):
                 ours = res.find("B7_alloc", ours_impl, capture=capture, per_step=per_step)
                 base = res.find("B7_alloc", base_impl, capture=capture, per_step=per_step)
@@ -622,7 +627,7 @@ def targets(res: Results) -> list[list[str]]:
             f"worst {worst:.2f}× ({', '.join(f'{r:.2f}×' for _, r in ratios)} for "
             f"{', '.join(str(k) for k, _ in ratios)} closures per device step)", ok)
     # B7
-    for per_step in (100, 1000):
+    for per_step in B7_PER_STEP:
         for impl, mode in (("stepflow_sync", "sync"), ("stepflow_async", "async")):
             for capture in (16, 48):
                 r = res.find("B7_alloc", impl, capture=capture, per_step=per_step)
