@@ -74,6 +74,14 @@ struct lane_driver {
     return batch;
   }
   void run(closure_batch& batch) { run_all(batch); }
+  // `count` steps of `per_step` closures, each run as soon as its step ends.
+  void steps(int count, std::size_t per_step) {
+    for (int i = 0; i < count; ++i) {
+      add(per_step);
+      closure_batch batch = take();
+      run(batch);
+    }
+  }
 };
 
 // 16 bytes of capture: a 24-byte record.
@@ -85,17 +93,9 @@ constexpr std::size_t records_per_chunk = lane_chunk::record_bytes / record_byte
 TEST(PendingClosures, StepsOfTheSameSizeAllocateNothingAfterTheFirst) {
   lane_driver d;
   const std::size_t per_step = 3 * records_per_chunk + 100;
-  for (int step = 0; step < 3; ++step) {
-    d.add(per_step);
-    closure_batch b = d.take();
-    d.run(b);
-  }
+  d.steps(3, per_step);
   const std::size_t before = allocations.load();
-  for (int step = 0; step < 200; ++step) {
-    d.add(per_step);
-    closure_batch b = d.take();
-    d.run(b);
-  }
+  d.steps(200, per_step);
   EXPECT_EQ(allocations.load(), before);
   EXPECT_EQ(d.ran, static_cast<int>(203 * per_step));
 }
@@ -104,17 +104,9 @@ TEST(PendingClosures, StepsOfMoreChunksThanASmallPoolAllocateNothingAfterTheFirs
   // 40 chunks (~13,500 closures of 16 bytes, 320 KiB) in use at every step end.
   lane_driver d;
   const std::size_t per_step = 40 * records_per_chunk;
-  for (int step = 0; step < 2; ++step) {
-    d.add(per_step);
-    closure_batch b = d.take();
-    d.run(b);
-  }
+  d.steps(2, per_step);
   const std::size_t before = allocations.load();
-  for (int step = 0; step < 20; ++step) {
-    d.add(per_step);
-    closure_batch b = d.take();
-    d.run(b);
-  }
+  d.steps(20, per_step);
   EXPECT_EQ(allocations.load(), before);
   EXPECT_EQ(d.ran, static_cast<int>(22 * per_step));
 }
