@@ -279,9 +279,9 @@ inline bool closure_batch::walk_records(record_cursor& c, Visit& visit) noexcept
 }
 
 /// Empty batches with capacity. Thread-safe; a lock per batch, never per closure. It keeps every
-/// batch that comes back with buffers, as many as were ever in flight at once (bounded by the
-/// queue's capacity): a fixed number would make a steady state with more batches in flight than
-/// that allocate at every step.
+/// batch that comes back with buffers, as many as were ever in flight at once (with a bounded
+/// queue, at most its capacity plus the step ends running): a fixed number would make a steady
+/// state with more batches in flight than that allocate at every step.
 class batch_pool {
  public:
   batch_pool() { spare_.reserve(initial_capacity); }

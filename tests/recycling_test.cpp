@@ -22,7 +22,7 @@
 
 namespace {
 
-// Counts every operator new of this binary; the nothrow forms call these in libstdc++.
+// Counts every operator new of this binary (the array and nothrow forms call these).
 std::atomic<std::size_t> allocations{0};
 
 void* counted_allocation(std::size_t n, std::size_t alignment) {
