@@ -73,13 +73,12 @@ struct lane_driver {
     lane.take(batch);
     return batch;
   }
-  void run(closure_batch& batch) { run_all(batch); }
   // `count` steps of `per_step` closures, each run as soon as its step ends.
   void steps(int count, std::size_t per_step) {
     for (int i = 0; i < count; ++i) {
       add(per_step);
       closure_batch batch = take();
-      run(batch);
+      run_all(batch);
     }
   }
 };
@@ -125,7 +124,7 @@ class PendingClosuresBehind : public ::testing::Test {
 
   void SetUp() override { taken.reserve(8); }
   void TearDown() override {
-    for (closure_batch& b : taken) d.run(b);
+    for (closure_batch& b : taken) run_all(b);
     EXPECT_EQ(d.ran, static_cast<int>(steps * per_step));
   }
   // `count` steps with the runner `behind` steps behind the step end (0: it keeps up).
@@ -134,7 +133,7 @@ class PendingClosuresBehind : public ::testing::Test {
       d.add(per_step);
       taken.push_back(d.take());
       while (taken.size() > behind) {
-        d.run(taken.front());
+        run_all(taken.front());
         taken.erase(taken.begin());
       }
     }
