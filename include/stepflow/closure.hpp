@@ -106,6 +106,12 @@ inline constexpr closure_ops heap_ops{[](void* s) { call_stored(*heap_pointer<D>
 template <class D, class... Args>
 const closure_ops* construct_callable(void* storage, Args&&... args) {
   if constexpr (stored_inline<D>) {
+    if constexpr (round_up_8(sizeof(D)) != sizeof(D)) {
+      // A trivially copyable callable is relocated by copying its whole rounded-up size.
+      // Copying the padding is fine, but GCC (-O2, -Wmaybe-uninitialized) warns when a word of
+      // it was never written, as for an empty lambda; the padding word is zeroed first.
+      std::memset(static_cast<char*>(storage) + round_up_8(sizeof(D)) - 8, 0, 8);
+    }
     ::new (storage) D(std::forward<Args>(args)...);
     return &inline_ops<D>;
   } else {
