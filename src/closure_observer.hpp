@@ -4,7 +4,10 @@
 // Why this shape: metrics are always on, so the hot path may only pay a few ns per closure. The
 // run time of a whole batch is measured with two clock reads (exact count and sum), and one
 // closure in `run_time_sample_every` is timed on its own for the distribution (p50, p99, max).
-// Only when a trace is being recorded is every closure timed.
+// Only when a trace is being recorded is every closure timed. All of it only with
+// `options::measure_run_time` (off by default): on a VM a clock read costs 20-40 ns, more than
+// 10% of a step end with few closures, and the countdown ~1 ns per closure (docs/benchmarks.md,
+// "Metrics overhead"). The trace times every closure it records either way.
 
 #include <atomic>
 #include <cstddef>
@@ -29,6 +32,7 @@ struct closure_observer {
   // the drainer may both run batches of one device at once; then one of them overwrites the
   // other's count, which only moves the next sample. The first closure ever run is sampled.
   std::atomic<std::uint32_t> until_sample{1};
+  bool measure_run_time = false;    // options::measure_run_time
   trace_recorder* trace = nullptr;  // null: no trace
   std::uint32_t track = 0;
   std::string depth_counter;  // the trace's queue-depth counter name
@@ -47,11 +51,15 @@ class observed_batch {
       : observer_(observer),
         kind_(kind),
         step_(step),
-        start_(trace_recorder::now_ns()),
-        until_sample_(observer.until_sample.load(std::memory_order_relaxed)),
-        tracing_(observer.trace != nullptr) {}
+        measuring_(observer.measure_run_time),
+        tracing_(observer.trace != nullptr) {
+    if (!measuring_) return;
+    start_ = trace_recorder::now_ns();
+    until_sample_ = observer.until_sample.load(std::memory_order_relaxed);
+  }
 
   ~observed_batch() {
+    if (!measuring_) return;
     observer_.until_sample.store(until_sample_, std::memory_order_relaxed);
     observer_.timed.fetch_add(ran_, std::memory_order_relaxed);
     observer_.sum_ns.fetch_add(trace_recorder::now_ns() - start_, std::memory_order_relaxed);
@@ -65,8 +73,9 @@ class observed_batch {
   /// failure after the handler ended.
   bool run(closure_ref c, std::exception_ptr& error) noexcept {
     ++ran_;
-    return tracing_ ? run_counted<true>(c, error, until_sample_)
-                    : run_counted<false>(c, error, until_sample_);
+    return with_mode([&]<bool Tracing, bool Sampling>() {
+      return run_counted<Tracing, Sampling>(c, error, until_sample_);
+    });
   }
   bool run(closure& c, std::exception_ptr& error) noexcept {
     return run(closure_access::ref(c), error);
@@ -86,17 +95,15 @@ class observed_batch {
                       OnFailure&& on_failure) noexcept {
     const std::size_t n = batch.size();
     std::uint32_t until_sample = until_sample_;
-    // One loop per value of `tracing_`, so that the common one does not test it per closure.
-    const auto run_loop = [&]<bool Tracing>() {
+    // One loop per mode, so that none tests the mode per closure.
+    const std::size_t unrun = with_mode([&]<bool Tracing, bool Sampling>() {
       return batch.consume(
           [&](closure_ref c) noexcept {
             before_each();
-            return run_counted<Tracing>(c, error, until_sample);
+            return run_counted<Tracing, Sampling>(c, error, until_sample);
           },
           on_failure);
-    };
-    const std::size_t unrun =
-        tracing_ ? run_loop.template operator()<true>() : run_loop.template operator()<false>();
+    });
     until_sample_ = until_sample;
     // The failed closure ran too.
     ran_ += n - unrun;
@@ -107,11 +114,21 @@ class observed_batch {
   std::uint64_t ran() const noexcept { return ran_; }
 
  private:
-  /// Calls `c`, timed alone when `until_sample` counts down to zero (then restarted) or when
-  /// tracing (`Tracing` is `tracing_`).
-  template <bool Tracing>
+  /// `f.template operator()<Tracing, Sampling>()` for this batch's `tracing_` and `measuring_`.
+  template <class F>
+  auto with_mode(F&& f) -> decltype(f.template operator()<false, false>()) {
+    if (measuring_) {
+      return tracing_ ? f.template operator()<true, true>() : f.template operator()<false, true>();
+    }
+    return tracing_ ? f.template operator()<true, false>() : f.template operator()<false, false>();
+  }
+
+  /// Calls `c`, timed alone when sampling and `until_sample` counts down to zero (then
+  /// restarted), or when tracing.
+  template <bool Tracing, bool Sampling>
   bool run_counted(closure_ref c, std::exception_ptr& error, std::uint32_t& until_sample) noexcept {
-    const bool sampled = --until_sample == 0;
+    bool sampled = false;
+    if constexpr (Sampling) sampled = --until_sample == 0;
     if (!sampled && !Tracing) [[likely]]
       return call(c, error);
     if (sampled) until_sample = run_time_sample_every;
@@ -141,9 +158,10 @@ class observed_batch {
   closure_observer& observer_;
   closure_kind kind_;
   std::uint64_t step_;
-  std::uint64_t start_;
+  std::uint64_t start_ = 0;
   std::uint64_t ran_ = 0;
-  std::uint32_t until_sample_;
+  std::uint32_t until_sample_ = 0;
+  bool measuring_;
   bool tracing_;
 };
 

@@ -23,6 +23,7 @@ device_state::device_state(stepflow::scheduler& owner, std::string name, const o
       sync_mode_(opts.sync_mode),
       graph_(graph),
       queue_(arena, opts.max_queue_size, pool_, observer_) {
+  observer_.measure_run_time = opts.measure_run_time;
   if (trace != nullptr) {
     observer_.trace = trace;
     observer_.track = trace->track(name_);

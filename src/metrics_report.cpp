@@ -139,6 +139,11 @@ std::string metrics_report(const metrics_snapshot& snapshot) {
   closures.add(closures_row(total));
   closures.render(out);
 
+  if (!snapshot.run_time_measured) {
+    out +=
+        "run time: not measured (turn on with options::measure_run_time or STEPFLOW_RUN_TIME=1)\n";
+    return out;
+  }
   out += "run time (p50, p99 and max from a sample of closures)\n";
   table times({"device", "closures", "total", "mean", "p50", "p99", "max", "sampled"});
   for (const device_metrics& d : snapshot.devices) times.add(run_time_row(d));

@@ -83,6 +83,9 @@ options options::from_env() {
     opts.sync_mode = detail::parse_switch("STEPFLOW_SYNC", v);
   }
   if (const char* v = std::getenv("STEPFLOW_TRACE")) opts.trace_path = v;
+  if (const char* v = std::getenv("STEPFLOW_RUN_TIME")) {
+    opts.measure_run_time = detail::parse_switch("STEPFLOW_RUN_TIME", v);
+  }
   return opts;
 }
 

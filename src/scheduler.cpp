@@ -52,7 +52,7 @@ class scheduler_state {
         trace_(opts.trace_path.empty()
                    ? nullptr
                    : std::make_unique<trace_recorder>(opts.trace_path, opts.trace_max_events)),
-        graph_(arena_, opts.ordering, trace_.get()) {
+        graph_(arena_, opts.ordering, opts.measure_run_time, trace_.get()) {
     // Declared participants exist from the start and are the only ones.
     for (const std::string& name : options_.participants) device(name);
     if (!options_.participants.empty()) graph_.freeze();
@@ -140,6 +140,7 @@ class scheduler_state {
       result.devices.push_back(std::move(j));
     }
     result.total = total_of(result.devices, merged);
+    result.run_time_measured = options_.measure_run_time;
     return result;
   }
 

@@ -18,8 +18,10 @@ thread_local const step_graph* releasing_wave = nullptr;
 
 }  // namespace
 
-step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace)
+step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, bool measure_run_time,
+                       trace_recorder* trace)
     : arena_(arena), ordering_(ordering) {
+  observer_.measure_run_time = measure_run_time;
   if (trace != nullptr) {
     observer_.trace = trace;
     observer_.track = trace->track("joined");

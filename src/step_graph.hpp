@@ -46,7 +46,8 @@ struct joined_counts {
 
 class step_graph {
  public:
-  step_graph(tbb::task_arena& arena, step_ordering ordering, trace_recorder* trace);
+  step_graph(tbb::task_arena& arena, step_ordering ordering, bool measure_run_time,
+             trace_recorder* trace);
   /// Precondition: `stop()` was called.
   ~step_graph();
   step_graph(const step_graph&) = delete;

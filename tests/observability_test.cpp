@@ -26,6 +26,12 @@ namespace {
 
 options quiet(std::size_t max_queue = 100) { return testing::quiet_options(max_queue); }
 
+options measuring_run_time() {
+  options o = quiet();
+  o.measure_run_time = true;
+  return o;
+}
+
 const device_metrics& row(const metrics_snapshot& m, const std::string& device) {
   for (const device_metrics& d : m.devices) {
     if (d.device == device) return d;
@@ -34,7 +40,7 @@ const device_metrics& row(const metrics_snapshot& m, const std::string& device) 
 }
 
 TEST(Metrics, CountEveryOutcomeOfEveryKind) {
-  scheduler s(quiet());
+  scheduler s(measuring_run_time());
   device_context& d = s.device("gpu0");
   // Step 1: 3 sync (the second throws, the third is dropped), 4 async (the second throws, the
   // rest are discarded).
@@ -88,7 +94,7 @@ TEST(Metrics, CountEveryOutcomeOfEveryKind) {
 // One closure in 256 is timed alone, counted across batches: a device whose steps each have one
 // closure is not timed at every step (it was, when the count restarted with every batch).
 TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
-  scheduler s(quiet());
+  scheduler s(measuring_run_time());
   device_context& d = s.device("d");
   std::uint64_t calls = 0;
   for (int step = 0; step < 1000; ++step) {
@@ -101,6 +107,52 @@ TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
   EXPECT_EQ(m.run_time.count, 1000u);
   // Closures 1, 257, 513 and 769: only the step-ending thread runs this device's batches.
   EXPECT_EQ(m.run_time.sampled, 4u);
+}
+
+// By default (options::measure_run_time off) nothing is timed (no clock read, no sample), every
+// other counter is exact, and the report says why its run-time table is missing.
+TEST(Metrics, ByDefaultRunTimeIsNotMeasuredAndTheCountersAreExact) {
+  scheduler s(quiet());
+  device_context& d = s.device("d");
+  for (int step = 0; step < 300; ++step) {  // more than 256: a sampling countdown would fire
+    d.add_step_closure([] {});
+    d.add_step_closure(run_async, [] {});
+    s.add_joined_step_closure([] {});
+    d.run_step_closures();
+  }
+  s.flush();
+  const metrics_snapshot m = s.metrics();
+  EXPECT_FALSE(m.run_time_measured);
+  const device_metrics& dev = row(m, "d");
+  EXPECT_EQ(dev.ran_sync, 300u);
+  EXPECT_EQ(dev.ran_async, 300u);
+  EXPECT_EQ(row(m, "joined").ran_joined, 300u);
+  for (const device_metrics* r : {&dev, &row(m, "joined"), &m.total}) {
+    EXPECT_EQ(r->run_time.count, 0u) << r->device;
+    EXPECT_EQ(r->run_time.sum_ns, 0u) << r->device;
+    EXPECT_EQ(r->run_time.sampled, 0u) << r->device;
+    EXPECT_EQ(r->run_time.max_ns, 0u) << r->device;
+  }
+  const std::string report = metrics_report(m);
+  EXPECT_NE(report.find("run time: not measured (turn on with options::measure_run_time"),
+            std::string::npos)
+      << report;
+  EXPECT_EQ(report.find("p99"), std::string::npos) << report;
+}
+
+TEST(Metrics, RunTimeIsMeasuredWhenSwitchedOn) {
+  scheduler s(measuring_run_time());
+  device_context& d = s.device("d");
+  d.add_step_closure([] {});
+  d.add_step_closure(run_async, [] {});
+  s.add_joined_step_closure([] {});
+  d.run_step_closures();
+  s.flush();
+  const metrics_snapshot m = s.metrics();
+  EXPECT_TRUE(m.run_time_measured);
+  EXPECT_EQ(row(m, "d").run_time.count, 2u);
+  EXPECT_EQ(row(m, "joined").run_time.count, 1u);
+  EXPECT_NE(metrics_report(m).find("p99"), std::string::npos);
 }
 
 TEST(Metrics, TimeBlockedOnAFullQueueIsMeasured) {
@@ -134,11 +186,15 @@ std::string temp_path(const char* name) {
       .string();
 }
 
-TEST(Trace, RecordsEveryClosureWithItsKindStepAndLabel) {
+// The trace times every closure it records, whether or not the metrics measure run time.
+class TraceWithRunTime : public ::testing::TestWithParam<bool> {};
+
+TEST_P(TraceWithRunTime, RecordsEveryClosureWithItsKindStepAndLabel) {
   const std::string path = temp_path("stepflow-trace");
   {
     options o = quiet();
     o.trace_path = path;
+    o.measure_run_time = GetParam();
     scheduler s(o);
     device_context& d = s.device("gpu0");
     for (int step = 1; step <= 3; ++step) {
@@ -183,6 +239,9 @@ TEST(Trace, RecordsEveryClosureWithItsKindStepAndLabel) {
   EXPECT_EQ(async_steps, (std::set<std::uint64_t>{1, 2, 3}));
   EXPECT_TRUE(depth_counter);
 }
+
+INSTANTIATE_TEST_SUITE_P(Trace, TraceWithRunTime, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Measured" : "NotMeasured"; });
 
 TEST(Trace, AnUnwritablePathFailsTheConstruction) {
   options o = quiet();

@@ -40,6 +40,7 @@ TEST(Options, DefaultsMatchTorch) {
   EXPECT_EQ(o.max_queue_size, 100u);
   EXPECT_FALSE(o.sync_mode);
   EXPECT_EQ(o.default_device, "default");
+  EXPECT_FALSE(o.measure_run_time);  // issue 4: it costs more than 10% of small steps
 }
 
 TEST(Options, FromEnvWithNothingSetGivesTheDefaults) {
@@ -112,6 +113,32 @@ TEST(Options, FromEnvReadsBothVariables) {
   const options o = options::from_env();
   EXPECT_EQ(o.max_queue_size, 3u);
   EXPECT_TRUE(o.sync_mode);
+}
+
+TEST(Options, FromEnvRunTimeSwitchTurnsRunTimeOn) {
+  {
+    scoped_env r("STEPFLOW_RUN_TIME", nullptr);
+    EXPECT_FALSE(options::from_env().measure_run_time);
+  }
+  for (const char* on : {"1", "on", "TRUE", " Yes "}) {
+    scoped_env r("STEPFLOW_RUN_TIME", on);
+    EXPECT_TRUE(options::from_env().measure_run_time) << '"' << on << '"';
+  }
+  for (const char* off : {"0", "off", "no", " False ", ""}) {
+    scoped_env r("STEPFLOW_RUN_TIME", off);
+    EXPECT_FALSE(options::from_env().measure_run_time) << '"' << off << '"';
+  }
+}
+
+TEST(Options, FromEnvRunTimeSwitchRejectsMaybeNamingTheVariable) {
+  scoped_env r("STEPFLOW_RUN_TIME", "maybe");
+  try {
+    scheduler s;
+    ADD_FAILURE() << "accepted maybe";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("STEPFLOW_RUN_TIME=\"maybe\""), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Options, FromEnvNegativeMeansUnbounded) {

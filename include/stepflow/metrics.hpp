@@ -20,7 +20,8 @@ enum class closure_kind : std::uint8_t { sync, async, joined };
 std::string_view to_string(closure_kind kind) noexcept;
 
 /// Closure run time. `count` and `sum_ns` are exact (every closure that ran is timed, in batches);
-/// the distribution comes from a sample of closures timed one by one.
+/// the distribution comes from a sample of closures timed one by one. All zero unless the
+/// scheduler measures run time (`options::measure_run_time`, off by default).
 struct run_time_stats {
   std::uint64_t count = 0;   ///< closures timed exactly (all that ran)
   std::uint64_t sum_ns = 0;  ///< their total run time
@@ -56,9 +57,14 @@ struct metrics_snapshot {
   /// devices. `run_time.p50_ns`/`p99_ns` are percentiles of all devices' samples together,
   /// computed from the devices' histograms merged (not a max or mean of device percentiles).
   device_metrics total;
+  /// `options::measure_run_time` of the scheduler that took the snapshot: false means every
+  /// `run_time` above is zero because nothing was timed, not because nothing ran, and
+  /// `metrics_report` says so instead of printing the run-time table.
+  bool run_time_measured = true;
 };
 
-/// A readable report: a closures table and a run-time table, each with one row per device (in
+/// A readable report: a closures table and a run-time table (a line saying run time was not
+/// measured instead, when `run_time_measured` is false), each with one row per device (in
 /// the snapshot's order) and a `total` row, fixed-width columns, durations in ns/us/ms/s.
 /// Ends with a newline. Thread-safe (reads only `snapshot`); may throw `std::bad_alloc`.
 std::string metrics_report(const metrics_snapshot& snapshot);

@@ -70,6 +70,14 @@ struct options {
   /// The trace keeps at most this many events (the most recent ones; the rest are counted).
   std::size_t trace_max_events = std::size_t{1} << 20;
 
+  /// Measure the closures' run time for the metrics (`run_time_stats`: the exact count and sum,
+  /// from two clock reads per batch, and p50/p99/max from one closure in 256 timed alone). Off
+  /// by default because it costs more than 10% of a step of a few small closures, sync or
+  /// lockstep (docs/benchmarks.md, "Metrics overhead"); metrics stay on only below that. Off,
+  /// every `run_time_stats` is zero and `metrics_snapshot::run_time_measured` is false; the
+  /// counters and the trace are unaffected (a trace times every closure it records).
+  bool measure_run_time = false;
+
   /// Write the shutdown report (unreported failures, never-run closures) to stderr.
   bool report_to_stderr = true;
 
@@ -78,8 +86,9 @@ struct options {
   std::function<void(const shutdown_report&)> on_shutdown_report;
 
   /// The defaults, then the environment: `LTC_MAX_ASYNC_QUEUE` (integer; 0 or negative means
-  /// unbounded), `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty) and `STEPFLOW_TRACE`
-  /// (a file path for `trace_path`).
+  /// unbounded), `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty), `STEPFLOW_TRACE`
+  /// (a file path for `trace_path`) and `STEPFLOW_RUN_TIME` (a switch like `STEPFLOW_SYNC`, for
+  /// `measure_run_time`).
   /// Throws `config_error` naming the variable and its value when a value does not parse.
   static options from_env();
 };

@@ -144,6 +144,7 @@ class stress_round {
       o.max_queue_size = config_.lockstep ? 0 : config_.max_queue;
       o.ordering = config_.lockstep ? step_ordering::lockstep : step_ordering::per_device;
       o.report_to_stderr = false;
+      o.measure_run_time = (seed_ & 1) == 0;  // both modes of the closures' run loop
       o.on_shutdown_report = [this](const shutdown_report& r) {
         for (const device_shutdown_report& d : r.devices) {
           if (d.unreported_error) model_.reported(d.unreported_error, d.discarded);
