@@ -10,6 +10,10 @@
 //
 // Target: stepflow >= 30x faster than (a) and than (b), and <= 10 ns per closure end to end.
 //
+// B2_async/stepflow_run_time (not a target): stepflow with `options::measure_run_time` on (off by
+// default), beside the default, for what the run-time metrics cost (docs/benchmarks.md, "Metrics
+// overhead").
+//
 // B2_loaded (not a target): the same 48-byte rows while one busy thread per CPU competes for the
 // CPUs, as data-loading processes or a build beside a training loop would. It shows how each
 // design degrades when no CPU is free (stepflow's waits spin only while a CPU is).
@@ -94,10 +98,12 @@ void run_async_loop(benchmark::State& state, sink& s, AddOne add_one, EndStep en
   check_sink(state, s, warm + closures);
 }
 
+template <bool MeasureRunTime = false>
 void async_stepflow(benchmark::State& state) {
   with_capture(state, state.range(0), [&]<std::size_t Bytes>() {
     stepflow::options opts;
     opts.max_queue_size = static_cast<std::size_t>(state.range(3));
+    opts.measure_run_time = MeasureRunTime;
     stepflow::scheduler sched(opts);
     stepflow::device_context& dev = sched.device("bench");
     sink s;
@@ -149,6 +155,7 @@ void async_args_wide_bound(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(async_stepflow)->Name("B2_async/stepflow")->Apply(async_args_wide_bound);
+BENCHMARK(async_stepflow<true>)->Name("B2_async/stepflow_run_time")->Apply(async_args);
 // One iteration of a baseline takes 0.3-0.6 s: a single iteration per repetition is plenty.
 BENCHMARK(async_task_per_closure)
     ->Name("B2_async/tbb_task_per_closure")
@@ -156,7 +163,7 @@ BENCHMARK(async_task_per_closure)
     ->Iterations(1);
 BENCHMARK(async_torch_port)->Name("B2_async/torch_port")->Apply(async_args)->Iterations(1);
 // Under load one iteration each: the slowest took seconds before stepflow stopped spinning there.
-BENCHMARK(loaded<async_stepflow>)->Name("B2_loaded/stepflow")->Apply(loaded_args);
+BENCHMARK(loaded<async_stepflow<>>)->Name("B2_loaded/stepflow")->Apply(loaded_args);
 BENCHMARK(loaded<async_task_per_closure>)
     ->Name("B2_loaded/tbb_task_per_closure")
     ->Apply(loaded_args);

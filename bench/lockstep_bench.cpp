@@ -21,6 +21,10 @@
 // step, over the timed region.
 //
 // Target: lockstep at most 2x per_device per step.
+//
+// stepflow_*_run_time (not a target), one driver thread: both orderings with
+// `options::measure_run_time` on (off by default), for what the run-time metrics cost
+// (docs/benchmarks.md, "Metrics overhead").
 
 #include <barrier>
 #include <cstdint>
@@ -47,16 +51,18 @@ struct eight_devices {
   std::vector<stepflow::device_context*> devices;
   std::unique_ptr<sink[]> sinks = std::make_unique<sink[]>(n_devices);
 
-  explicit eight_devices(stepflow::step_ordering ordering) : sched(make_options(ordering)) {
+  eight_devices(stepflow::step_ordering ordering, bool measure_run_time)
+      : sched(make_options(ordering, measure_run_time)) {
     for (std::size_t d = 0; d < n_devices; ++d) {
       devices.push_back(&sched.device("gpu" + std::to_string(d)));
     }
   }
 
-  static stepflow::options make_options(stepflow::step_ordering ordering) {
+  static stepflow::options make_options(stepflow::step_ordering ordering, bool measure_run_time) {
     stepflow::options opts;
     opts.max_queue_size = queue_bound;
     opts.ordering = ordering;
+    opts.measure_run_time = measure_run_time;
     return opts;
   }
 
@@ -90,10 +96,11 @@ struct eight_devices {
 };
 
 /// producers:1 — one thread ends a step on every device in turn.
-void lockstep_one_producer(benchmark::State& state, stepflow::step_ordering ordering) {
+void lockstep_one_producer(benchmark::State& state, stepflow::step_ordering ordering,
+                           bool measure_run_time) {
   const auto per_step = static_cast<std::uint64_t>(state.range(0));
   const auto steps = static_cast<std::uint64_t>(state.range(1));
-  eight_devices bench(ordering);
+  eight_devices bench(ordering, measure_run_time);
   for (int s = 0; s < warmup_steps; ++s) {
     for (std::size_t d = 0; d < n_devices; ++d) bench.step(d, per_step);
   }
@@ -120,7 +127,7 @@ void lockstep_one_producer(benchmark::State& state, stepflow::step_ordering orde
 void lockstep_eight_producers(benchmark::State& state, stepflow::step_ordering ordering) {
   const auto per_step = static_cast<std::uint64_t>(state.range(0));
   const auto steps = static_cast<std::uint64_t>(state.range(1));
-  eight_devices bench(ordering);
+  eight_devices bench(ordering, false);
   std::barrier<> sync(static_cast<std::ptrdiff_t>(n_devices) + 1);
   // Written by the main thread before it arrives at the start barrier, read after it.
   std::uint64_t round_steps = warmup_steps;
@@ -168,11 +175,18 @@ void lockstep_args(benchmark::internal::Benchmark* b) {
 
 // Names: B6_lockstep/<implementation>/producers:<n>/per_step:<K>/steps:<S>; bench_report.py
 // divides stepflow_lockstep's ns_per_step by stepflow_per_device's.
-BENCHMARK_CAPTURE(lockstep_one_producer, per_device, stepflow::step_ordering::per_device)
+BENCHMARK_CAPTURE(lockstep_one_producer, per_device, stepflow::step_ordering::per_device, false)
     ->Name("B6_lockstep/stepflow_per_device/producers:1")
     ->Apply(lockstep_args);
-BENCHMARK_CAPTURE(lockstep_one_producer, lockstep, stepflow::step_ordering::lockstep)
+BENCHMARK_CAPTURE(lockstep_one_producer, lockstep, stepflow::step_ordering::lockstep, false)
     ->Name("B6_lockstep/stepflow_lockstep/producers:1")
+    ->Apply(lockstep_args);
+BENCHMARK_CAPTURE(lockstep_one_producer, per_device_run_time, stepflow::step_ordering::per_device,
+                  true)
+    ->Name("B6_lockstep/stepflow_per_device_run_time/producers:1")
+    ->Apply(lockstep_args);
+BENCHMARK_CAPTURE(lockstep_one_producer, lockstep_run_time, stepflow::step_ordering::lockstep, true)
+    ->Name("B6_lockstep/stepflow_lockstep_run_time/producers:1")
     ->Apply(lockstep_args);
 BENCHMARK_CAPTURE(lockstep_eight_producers, per_device, stepflow::step_ordering::per_device)
     ->Name("B6_lockstep/stepflow_per_device/producers:8")

@@ -8,6 +8,10 @@
 //
 // Target: stepflow >= 1.5x faster than the baseline at N = 100 with 48-byte captures, and no
 // slower with 16-byte captures.
+//
+// B1_sync/stepflow_run_time (not a target): stepflow with `options::measure_run_time` on (off by
+// default), beside the default, for what the run-time metrics cost (docs/benchmarks.md, "Metrics
+// overhead").
 
 #include <cstdint>
 #include <functional>
@@ -20,11 +24,12 @@ namespace {
 
 using namespace stepflow_bench;
 
-void sync_stepflow(benchmark::State& state) {
+void sync_stepflow(benchmark::State& state, bool measure_run_time) {
   const auto n = static_cast<std::size_t>(state.range(1));
   with_capture(state, state.range(0), [&]<std::size_t Bytes>() {
     stepflow::options opts;
     opts.max_queue_size = 100;
+    opts.measure_run_time = measure_run_time;
     stepflow::scheduler sched(opts);
     stepflow::device_context& dev = sched.device("bench");
     sink s;
@@ -84,7 +89,10 @@ void sync_args(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
-BENCHMARK(sync_stepflow)->Name("B1_sync/stepflow")->Apply(sync_args);
+BENCHMARK_CAPTURE(sync_stepflow, defaults, false)->Name("B1_sync/stepflow")->Apply(sync_args);
+BENCHMARK_CAPTURE(sync_stepflow, run_time, true)
+    ->Name("B1_sync/stepflow_run_time")
+    ->Apply(sync_args);
 BENCHMARK(sync_vector_of_function)->Name("B1_sync/vector_function")->Apply(sync_args);
 
 STEPFLOW_BENCHMARK_MAIN();
