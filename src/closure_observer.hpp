@@ -1,13 +1,13 @@
 #pragma once
 // What one device's closures (or the joined closures) feed to metrics and the timeline trace.
 //
-// Why this shape: metrics are always on, so the hot path may only pay a few ns per closure. The
-// run time of a whole batch is measured with two clock reads (exact count and sum), and one
-// closure in `run_time_sample_every` is timed on its own for the distribution (p50, p99, max).
-// Only when a trace is being recorded is every closure timed. All of it only with
-// `options::measure_run_time` (off by default): on a VM a clock read costs 20-40 ns, more than
-// 10% of a step end with few closures, and the countdown ~1 ns per closure (docs/benchmarks.md,
-// "Metrics overhead"). The trace times every closure it records either way.
+// Why this shape: run time may be measured in production, so the hot path may only pay a few
+// ns per closure for it. The run time of a whole batch is measured with two clock reads (exact
+// count and sum), and one closure in `run_time_sample_every` is timed on its own for the
+// distribution (p50, p99, max). Even that is done only with `options::measure_run_time` (off by
+// default): a clock read costs 20-40 ns on a VM, more than 10% of a step end with few closures,
+// and the countdown ~1 ns per closure (docs/benchmarks.md, "Metrics overhead"). A trace, when
+// one is recorded, times every closure either way.
 
 #include <atomic>
 #include <cstddef>
