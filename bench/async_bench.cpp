@@ -145,16 +145,25 @@ void async_args(benchmark::internal::Benchmark* b) {
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
-// Diagnosis, not a target: the same with a bound of 10 steps instead of 1, showing what the
-// bound itself costs when a step is as large as the queue.
-void async_args_wide_bound(benchmark::internal::Benchmark* b) {
+// Diagnosis, not targets:
+// - the same with a bound of 10 steps instead of 1, showing what the bound itself costs when a
+//   step is as large as the queue;
+// - the same 1e6 closures in steps of 10, 1,000 and 10,000 (bound: one step, at least 100), which
+//   splits B2's cost into a part per step (the hand-over between the two threads) and a part
+//   per closure (docs/benchmarks.md, "B2: bytes across cores").
+void async_args_diagnosis(benchmark::internal::Benchmark* b) {
   async_args(b);
   b->Args({48, 100, 1'000'000, 10 * queue_bound});
+  for (std::int64_t capture : {16, 48}) {
+    for (std::int64_t per_step : {10, 1'000, 10'000}) {
+      b->Args({capture, per_step, 1'000'000, std::max<std::int64_t>(per_step, queue_bound)});
+    }
+  }
 }
 
 }  // namespace
 
-BENCHMARK(async_stepflow)->Name("B2_async/stepflow")->Apply(async_args_wide_bound);
+BENCHMARK(async_stepflow)->Name("B2_async/stepflow")->Apply(async_args_diagnosis);
 BENCHMARK(async_stepflow<true>)->Name("B2_async/stepflow_run_time")->Apply(async_args);
 // One iteration of a baseline takes 0.3-0.6 s: a single iteration per repetition is plenty.
 BENCHMARK(async_task_per_closure)

@@ -8,6 +8,8 @@
 // 100 plus the step being written: 200); `ring` is how many record slots the memory rotates
 // through, which decides whether a slot's line is still in the other core's cache when reused.
 //
+// B2_floor/line_transfer: what one cache line written by both threads costs per handoff.
+//
 // The threads are not pinned; on a machine with one CPU this measures time slicing instead.
 
 #include <atomic>
@@ -96,6 +98,45 @@ void handoff_spsc(benchmark::State& state) {
   benchmark::DoNotOptimize(checksum);
 }
 
+// What one line shared by the two threads costs: two threads take turns writing one counter, each
+// waiting to see the other's last write. `ns_per_transfer` is one handoff of the line from one
+// core's cache to the other's (half a round trip). A step-batched queue pays this for every line
+// both sides write per step, whatever it does per closure.
+void line_transfer(benchmark::State& state) {
+  struct alignas(64) shared_line {
+    std::atomic<std::uint64_t> value{0};
+  };
+  shared_line line;
+  constexpr std::uint64_t rounds = 200'000;
+  std::uint64_t transfers = 0;
+  std::int64_t total_ns = 0;
+  for (auto _ : state) {
+    line.value.store(0, std::memory_order_relaxed);
+    std::thread other([&] {
+      for (std::uint64_t v = 1; v < 2 * rounds; v += 2) {
+        while (line.value.load(std::memory_order_acquire) != v) {
+        }
+        line.value.store(v + 1, std::memory_order_release);
+      }
+    });
+    const std::int64_t begin = now_ns();
+    for (std::uint64_t v = 0; v < 2 * rounds; v += 2) {
+      while (line.value.load(std::memory_order_acquire) != v) {
+      }
+      line.value.store(v + 1, std::memory_order_release);
+    }
+    while (line.value.load(std::memory_order_acquire) != 2 * rounds) {
+    }
+    const std::int64_t elapsed = now_ns() - begin;
+    other.join();
+    state.SetIterationTime(static_cast<double>(elapsed) * 1e-9);
+    total_ns += elapsed;
+    transfers += 2 * rounds;
+  }
+  state.counters["ns_per_transfer"] =
+      static_cast<double>(total_ns) / static_cast<double>(transfers);
+}
+
 }  // namespace
 
 void floor_args(benchmark::internal::Benchmark* b) {
@@ -110,5 +151,9 @@ void floor_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(handoff_spsc<3>)->Name("B2_floor/spsc_24B_records")->Apply(floor_args);
 BENCHMARK(handoff_spsc<7>)->Name("B2_floor/spsc_56B_records")->Apply(floor_args);
 BENCHMARK(handoff_spsc<8>)->Name("B2_floor/spsc_64B_records")->Apply(floor_args);
+BENCHMARK(line_transfer)
+    ->Name("B2_floor/line_transfer")
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 STEPFLOW_BENCHMARK_MAIN();

@@ -365,10 +365,42 @@ def section_b1(res: Results) -> str:
                   "vector<std::function> ns/closure", "speed-up"], b1_rows(res))
 
 
+def b2_step_size_sweep(res: Results) -> str:
+    """The diagnosis rows with other step sizes: B2's cost split into per step and per closure."""
+    sizes = (10, 100, 1000, 10000)
+    rows = []
+    for capture in (16, 48):
+        cost = {}
+        for per_step in sizes:
+            bound = max(per_step, 100)
+            cost[per_step] = ns(res.find("B2_async", "stepflow", capture=capture,
+                                         per_step=per_step, bound=bound))
+        if all(cost[k] is None for k in (10, 1000, 10000)):
+            continue
+        # cost(k) = per_closure + per_step / k, fitted through the 10 and 100 rows.
+        split = ["n/a", "n/a"]
+        if cost[10] is not None and cost[100] is not None:
+            step_ns = (cost[10] - cost[100]) / (1 / 10 - 1 / 100)
+            split = [fmt_num(step_ns, 0), fmt_num(cost[100] - step_ns / 100)]
+        rows.append([f"{capture} B"] + [fmt_num(cost[k]) for k in sizes] + split)
+    if not rows:
+        return ""
+    transfer = ns(res.find("B2_floor", "line_transfer"), "ns_per_transfer")
+    text = ("\n\nDiagnosis (not a target): the same 1e6 closures in steps of other sizes (bound: "
+            "one step, at least 100), stepflow ns/closure. The last two columns fit cost = "
+            "per closure + per step / step size through the 10 and 100 rows")
+    if transfer is not None:
+        text += (f"; for scale, handing one cache line from one core to the other took "
+                 f"{fmt_num(transfer)} ns in this run (`B2_floor/line_transfer`)")
+    return text + ":\n\n" + table(
+        ["capture", "10 per step", "100", "1,000", "10,000", "fit: ns per step",
+         "fit: ns per closure"], rows)
+
+
 def section_b2(res: Results) -> str:
     rows = []
     for capture in (16, 48):
-        ours = ns(res.find("B2_async", "stepflow", capture=capture, bound=100))
+        ours = ns(res.find("B2_async", "stepflow", capture=capture, per_step=100, bound=100))
         a = ns(res.find("B2_async", "tbb_task_per_closure", capture=capture))
         b = ns(res.find("B2_async", "torch_port", capture=capture))
         rate = None if ours in (None, 0) else 1e9 / ours / 1e6
@@ -376,10 +408,11 @@ def section_b2(res: Results) -> str:
                      fmt_ratio(a, ours), fmt_ratio(b, ours)])
     out = table(["capture", "stepflow ns/closure", "stepflow M closures/s",
                  "(a) task per closure ns", "(b) torch port ns", "vs (a)", "vs (b)"], rows)
-    wide = res.find("B2_async", "stepflow", capture=48, bound=1000)
+    wide = res.find("B2_async", "stepflow", capture=48, per_step=100, bound=1000)
     if wide is not None:
         out += ("\n\nDiagnosis (not a target): stepflow, 48 B, with a queue bound of 1000 instead "
                 f"of 100: {fmt_num(ns(wide))} ns/closure.")
+    out += b2_step_size_sweep(res)
     loaded = [res.find("B2_loaded", impl, capture=48)
               for impl in ("stepflow", "tbb_task_per_closure", "torch_port")]
     if any(r is not None for r in loaded):
@@ -555,8 +588,8 @@ def section_metrics(res: Results) -> str:
             rows.append([f"B1 sync, {capture} B, {n} per step", "ns/closure", fmt_num(off),
                          fmt_num(on), overhead(off, on)])
     for capture in (16, 48):
-        off = ns(res.find("B2_async", "stepflow", capture=capture, bound=100))
-        on = ns(res.find("B2_async", "stepflow_run_time", capture=capture, bound=100))
+        off = ns(res.find("B2_async", "stepflow", capture=capture, per_step=100, bound=100))
+        on = ns(res.find("B2_async", "stepflow_run_time", capture=capture, per_step=100, bound=100))
         rows.append([f"B2 async, {capture} B, 100 per step", "ns/closure", fmt_num(off),
                      fmt_num(on), overhead(off, on)])
     for impl, label in (("stepflow_lockstep", "lockstep"), ("stepflow_per_device", "per_device")):
@@ -596,7 +629,7 @@ def targets(res: Results) -> list[list[str]]:
                                        f"{fmt_ratio(base, ours)}"), ok)
     # B2
     for capture in (48, 16):
-        ours = ns(res.find("B2_async", "stepflow", capture=capture, bound=100))
+        ours = ns(res.find("B2_async", "stepflow", capture=capture, per_step=100, bound=100))
         a = ns(res.find("B2_async", "tbb_task_per_closure", capture=capture))
         b = ns(res.find("B2_async", "torch_port", capture=capture))
         add(f"B2 async end to end, {capture} B: ≥ 30× faster than (a) task per closure",
