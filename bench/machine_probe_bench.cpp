@@ -10,8 +10,13 @@
 // to the machine description:
 //   slow_window_pct  windows that were slow, % of all (all CPUs together)
 //   longest_slow_ms  the longest run of consecutive slow windows on one CPU
+//
+// machine/locked_add: what one locked read-modify-write costs here, back to back on one thread
+// whose cache line never leaves its core. It is the unit in which a step end's fixed cost is
+// counted (docs/benchmarks.md, "B1 at 16 bytes").
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <thread>
@@ -108,8 +113,15 @@ void slow_stretches(benchmark::State& state) {
   state.counters["longest_slow_ms"] = static_cast<double>(total.longest_slow);
 }
 
+void locked_add(benchmark::State& state) {
+  std::atomic<std::uint64_t> counter{0};
+  for (auto _ : state) counter.fetch_add(1, std::memory_order_relaxed);
+  benchmark::DoNotOptimize(counter.load(std::memory_order_relaxed));
+}
+
 }  // namespace
 
+BENCHMARK(locked_add)->Name("machine/locked_add");
 BENCHMARK(slow_stretches)
     ->Name("machine/probe")
     ->Iterations(1)

@@ -306,6 +306,10 @@ def section_machine(res: Results) -> str:
                      "1 ms windows whose median pass took over 1.8x the run's median)",
                      f"{probe.get('slow_window_pct', 0):.1f}% of windows slow, longest slow "
                      f"stretch {probe.get('longest_slow_ms', 0):.0f} ms (median of the runs)"])
+    locked = res.find("machine", "locked_add")
+    if locked is not None:
+        rows.append(["one locked read-modify-write (`machine/locked_add`: `lock xadd`, one "
+                     "thread, back to back)", f"{fmt_num(locked.get('real_time'))} ns"])
     if res.meta:
         noise = ", ".join(
             f"{name} {m['other_cpu_share']:.0%} ({m['seconds']:.0f} s)"
