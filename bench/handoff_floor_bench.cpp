@@ -8,6 +8,11 @@
 // 100 plus the step being written: 200); `ring` is how many record slots the memory rotates
 // through, which decides whether a slot's line is still in the other core's cache when reused.
 //
+// The `_locked_yield` rows add what a real queue's step end and waits add to that floor and no
+// more: one locked read-modify-write per step on the producer (a lock's acquisition; on its own
+// line, so the other thread never touches it) and a yield between the polls of both sides (as
+// stepflow's waits do). They show how much of B2's distance to the floor those two explain.
+//
 // B2_floor/line_transfer: what one cache line written by both threads costs per handoff.
 //
 // The threads are not pinned; on a machine with one CPU this measures time slicing instead.
@@ -32,7 +37,7 @@ struct packed_record {
   std::uint64_t words[Words];
 };
 
-template <std::size_t Words>
+template <std::size_t Words, bool LockedAndYielding = false>
 void handoff_spsc(benchmark::State& state) {
   using record = packed_record<Words>;
   static_assert(sizeof(record) == Words * 8);
@@ -51,6 +56,7 @@ void handoff_spsc(benchmark::State& state) {
   };
   counter produced;
   counter consumed;
+  counter producer_only;
   std::atomic<bool> stop{false};
   std::uint64_t checksum = 0;
 
@@ -60,6 +66,7 @@ void handoff_spsc(benchmark::State& state) {
     for (;;) {
       std::uint64_t end;
       while ((end = produced.value.load(std::memory_order_acquire)) == next) {
+        if constexpr (LockedAndYielding) std::this_thread::yield();
         if (stop.load(std::memory_order_relaxed)) {
           checksum = sum;
           return;
@@ -80,12 +87,14 @@ void handoff_spsc(benchmark::State& state) {
     const std::uint64_t goal = sent + total;
     while (sent < goal) {
       while (sent + per_step - consumed.value.load(std::memory_order_acquire) > in_flight) {
+        if constexpr (LockedAndYielding) std::this_thread::yield();
       }
       for (std::uint64_t i = sent; i < sent + per_step; ++i) {
         record& r = buffer[i % ring];
         for (std::uint64_t k = 0; k < Words; ++k) r.words[k] = i + k;
       }
       sent += per_step;
+      if constexpr (LockedAndYielding) producer_only.value.fetch_add(1);
       produced.value.store(sent, std::memory_order_release);
     }
     while (consumed.value.load(std::memory_order_acquire) != sent) {  // the "flush"
@@ -148,9 +157,23 @@ void floor_args(benchmark::internal::Benchmark* b) {
       ->Unit(benchmark::kMillisecond);
 }
 
+// B2's own shape only: a bound of 100 plus the step being written.
+void queue_like_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"ring", "in_flight", "per_step"})
+      ->Args({200, 200, 100})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
 BENCHMARK(handoff_spsc<3>)->Name("B2_floor/spsc_24B_records")->Apply(floor_args);
 BENCHMARK(handoff_spsc<7>)->Name("B2_floor/spsc_56B_records")->Apply(floor_args);
 BENCHMARK(handoff_spsc<8>)->Name("B2_floor/spsc_64B_records")->Apply(floor_args);
+BENCHMARK(handoff_spsc<3, true>)
+    ->Name("B2_floor/spsc_24B_records_locked_yield")
+    ->Apply(queue_like_args);
+BENCHMARK(handoff_spsc<7, true>)
+    ->Name("B2_floor/spsc_56B_records_locked_yield")
+    ->Apply(queue_like_args);
 BENCHMARK(line_transfer)
     ->Name("B2_floor/line_transfer")
     ->UseManualTime()

@@ -433,6 +433,10 @@ def section_b2(res: Results) -> str:
                         key=lambda r: (r.args.get("in_flight", 0), r.args.get("ring", 0))):
             floor_rows.append([f"{size} B", f"{r.args['ring']:,}", f"{r.args['in_flight']:,}",
                                str(r.args["per_step"]), fmt_num(ns(r))])
+        for r in res.all("B2_floor", f"spsc_{size}B_records_locked_yield"):
+            floor_rows.append([f"{size} B, with a locked instruction per step and yielding polls",
+                               f"{r.args['ring']:,}", f"{r.args['in_flight']:,}",
+                               str(r.args["per_step"]), fmt_num(ns(r))])
     if floor_rows:
         out += ("\n\nThe machine's floor (`handoff_floor_bench`, not stepflow): handing records "
                 "(one closure each: 24 B is a closure with 16-byte captures, 56 B one with "
