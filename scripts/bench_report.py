@@ -597,7 +597,8 @@ def section_metrics(res: Results) -> str:
                          fmt_num(on), overhead(off, on)])
     for capture in (16, 48):
         off = ns(res.find("B2_async", "stepflow", capture=capture, per_step=100, bound=100))
-        on = ns(res.find("B2_async", "stepflow_run_time", capture=capture, per_step=100, bound=100))
+        on = ns(res.find("B2_async", "stepflow_run_time", capture=capture, per_step=100,
+                         bound=100))
         rows.append([f"B2 async, {capture} B, 100 per step", "ns/closure", fmt_num(off),
                      fmt_num(on), overhead(off, on)])
     for impl, label in (("stepflow_lockstep", "lockstep"), ("stepflow_per_device", "per_device")):
