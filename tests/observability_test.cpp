@@ -109,6 +109,22 @@ TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
   EXPECT_EQ(m.run_time.sampled, 4u);
 }
 
+// Sync closures count as run whichever thread ends their step: the one that added them or
+// another.
+TEST(Metrics, SyncClosuresRunByTheOwnerAndByOtherThreadsAreAllCounted) {
+  scheduler s(quiet());
+  device_context& d = s.device("d");
+  for (int i = 0; i < 3; ++i) d.add_step_closure([] {});
+  d.run_step_closures();  // by the thread that added them
+  for (int i = 0; i < 2; ++i) d.add_step_closure([] {});
+  std::thread([&] { d.run_step_closures(); }).join();  // by another thread
+  const metrics_snapshot snapshot = s.metrics();
+  const device_metrics& m = row(snapshot, "d");
+  EXPECT_EQ(m.steps, 2u);
+  EXPECT_EQ(m.ran_sync, 5u);
+  EXPECT_EQ(m.waiting, 0u);
+}
+
 /// `steps` steps of device "d", each with one sync, one async and one joined closure, flushed.
 metrics_snapshot one_of_each_kind(const options& o, int steps) {
   scheduler s(o);

@@ -324,6 +324,46 @@ TEST_P(Joined, AJoinedClosureAddedAfterSomeDevicesEndedTheStepStillWaitsForTheOt
   EXPECT_EQ(wrong.load(), 0);
 }
 
+// A step without async closures is done only once every earlier step is: while a closure of an
+// earlier step still runs, the joined closure of the empty step waits for it.
+TEST_P(Joined, AStepWithoutAsyncClosuresIsNotDoneBeforeTheStepsBeforeIt) {
+  testing::watchdog dog(std::chrono::seconds(60), "empty steps behind a running closure");
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<bool> release{false};
+  std::atomic<bool> first_done{false};
+  std::atomic<int> wrong{0};
+  std::atomic<int> ran{0};
+  a.add_step_closure(run_async, [&] {
+    while (!release.load()) std::this_thread::sleep_for(100us);
+    first_done = true;
+  });
+  a.run_step_closures();  // step 1: its closure runs until `release`
+  s.add_joined_step_closure([&](std::uint64_t step) {
+    if (step != 2 || !first_done.load()) ++wrong;
+    ++ran;
+  });
+  a.run_step_closures();              // step 2, nothing async
+  a.run_step_closures();              // step 3, nothing async
+  std::this_thread::sleep_for(20ms);  // time for a wrong early start
+  EXPECT_EQ(ran.load(), 0);
+  release = true;
+  s.flush();
+  EXPECT_EQ(ran.load(), 1);
+  EXPECT_EQ(wrong.load(), 0);
+  // Every step is done now: the next empty step is done at its step end.
+  s.add_joined_step_closure([&](std::uint64_t step) {
+    if (step != 4) ++wrong;
+    ++ran;
+  });
+  a.run_step_closures();
+  s.flush();
+  EXPECT_EQ(ran.load(), 2);
+  EXPECT_EQ(wrong.load(), 0);
+}
+
 TEST_P(Joined, FailureIsReportedOnceAndDiscardsTheJoinedClosuresBehindIt) {
   options o;
   o.report_to_stderr = false;
