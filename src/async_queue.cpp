@@ -24,12 +24,6 @@ constexpr std::size_t initial_ring_slots = 8;
 // whenever a worker is a few microseconds late (measured: 40% of them with a bound equal to the
 // step size); one that waits long makes a machine without a free worker crawl.
 constexpr std::uint64_t drainer_start_grace_ns = 50'000;
-// How long a drainer stays after the queue empties, watching for the next batch. A training
-// loop's steps come every few to few hundred microseconds; a drainer that leaves at once makes
-// every step enqueue a task and wake a worker (2-9 us, often far more on a virtual machine).
-// It yields while it waits, and leaves at once when another drainer task is waiting
-// for a worker, so it never holds the worker another device needs.
-constexpr std::uint64_t linger_ns = 100'000;
 // How long a producer short of room spins before it sleeps: room usually appears
 // within microseconds, and sleeping costs a wake-up.
 constexpr std::uint64_t room_spin_ns = 20'000;
@@ -94,12 +88,14 @@ bool spin_until(Ready ready, std::uint64_t budget_ns) {
 
 }  // namespace
 
-async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
+async_queue::async_queue(tbb::task_arena& arena, std::size_t capacity,
+                         std::chrono::nanoseconds linger, batch_pool& pool,
                          closure_observer& observer)
     : arena_(arena),
       pool_(pool),
       observer_(observer),
       capacity_(capacity),
+      linger_ns_(static_cast<std::uint64_t>(std::max(linger.count(), std::int64_t{0}))),
       ring_(initial_ring_slots) {}
 
 async_queue::~async_queue() = default;
@@ -310,6 +306,7 @@ void async_queue::call_drainer_locked() {
 
 void async_queue::schedule_drainer_locked() {
   task_pending_ = true;
+  tasks_.store(tasks_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
   start_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
@@ -342,10 +339,16 @@ void async_queue::run_drainer_task() noexcept {
 
 bool async_queue::linger(lock_type& lock, std::uint64_t& unreported) noexcept {
   // Called with the lock held and nothing runnable; returns with it held, true when there is
-  // work again. When work last came after a longer pause than lingering would wait, lingering
-  // would only keep a worker from the application: leave at once.
+  // work again.
+  //
+  // Why linger: a training loop's steps come every few to few hundred microseconds, and a
+  // drainer that left at once would make every step enqueue a task and wake a worker (2-9 us on
+  // a good machine, 20-350 us on a virtual machine). It yields while it waits, and leaves at
+  // once when another of stepflow's tasks waits for a worker, so it never holds the worker
+  // another device needs. When work last came after a longer pause than lingering would wait,
+  // lingering would only keep a worker from the application: leave at once.
   idle_since_ns_ = trace_recorder::now_ns();
-  if (stop_lingering_ || last_idle_gap_ns_ > linger_ns) return false;
+  if (stop_lingering_ || linger_ns_ == 0 || last_idle_gap_ns_ > linger_ns_) return false;
   // Closures wait behind a lockstep gate: the wave that raises it also starts their drainer.
   if (ring_size_ != 0) return false;
   const std::uint64_t seen = changes_.load(std::memory_order_relaxed);
@@ -358,7 +361,7 @@ bool async_queue::linger(lock_type& lock, std::uint64_t& unreported) noexcept {
         changed = changes_.load(std::memory_order_acquire) != seen;
         return changed || tasks_waiting_for_a_worker.load(std::memory_order_relaxed) != 0;
       },
-      linger_ns);
+      linger_ns_);
   lock.lock();
   last_idle_gap_ns_ = trace_recorder::now_ns() - idle_since_ns_;
   return changed && !stop_lingering_;
@@ -564,6 +567,7 @@ async_queue_counts async_queue::counts() const noexcept {
   c.failed = failed_count_.load();
   c.pending = static_cast<std::size_t>(pending());
   c.high_water = high_water_.load(std::memory_order_relaxed);
+  c.tasks = tasks_.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -49,13 +49,16 @@ struct async_queue_counts {
   std::uint64_t discarded = 0;    // never started: queued behind a failure
   std::size_t pending = 0;        // handed over, not yet started
   std::size_t high_water = 0;     // largest `pending` seen
+  std::uint64_t tasks = 0;        // drainer tasks enqueued
 };
 
 class async_queue {
  public:
-  /// `capacity` 0 means unbounded. `pool` recycles batches; both outlive the queue.
-  async_queue(tbb::task_arena& arena, std::size_t capacity, batch_pool& pool,
-              closure_observer& observer);
+  /// `capacity` 0 means unbounded. `pool` recycles batches; both outlive the queue. `linger`:
+  /// how long a drainer task that emptied the queue watches for the next batch before it ends
+  /// (options::worker_linger).
+  async_queue(tbb::task_arena& arena, std::size_t capacity, std::chrono::nanoseconds linger,
+              batch_pool& pool, closure_observer& observer);
   /// Precondition: `shutdown()` was called.
   ~async_queue();
   async_queue(const async_queue&) = delete;
@@ -171,6 +174,7 @@ class async_queue {
   batch_pool& pool_;
   closure_observer& observer_;
   const std::size_t capacity_;
+  const std::uint64_t linger_ns_;
 
   tbb::task_group_context context_{tbb::task_group_context::isolated};
   tbb::task_group drainer_tasks_{context_};
@@ -220,6 +224,7 @@ class async_queue {
   std::atomic<bool> drain_promised_{false};  // set_gate_for_caller's caller drains next
   // When a task was enqueued, the lingerer had work or a drain was promised.
   std::atomic<std::uint64_t> drainer_called_ns_{0};
+  std::atomic<std::uint64_t> tasks_{0};  // drainer tasks enqueued (under mutex_)
   // Rarely written:
   alignas(64) std::atomic<bool> has_failure_{false};  // failure_ is set, for a lock-free check
   std::atomic<int> waiters_{0};

@@ -22,7 +22,7 @@ device_state::device_state(stepflow::scheduler& owner, std::string name, const o
       name_(std::move(name)),
       sync_mode_(opts.sync_mode),
       graph_(graph),
-      queue_(arena, opts.max_queue_size, pool_, observer_) {
+      queue_(arena, opts.max_queue_size, opts.worker_linger, pool_, observer_) {
   observer_.measure_run_time = opts.measure_run_time;
   if (trace != nullptr) {
     observer_.trace = trace;
@@ -199,6 +199,7 @@ device_metrics device_state::metrics() const {
   m.pending = async.pending;
   m.queue_high_water = async.high_water;
   m.blocked_ns = observer_.blocked_ns.load(std::memory_order_relaxed);
+  m.async_tasks = async.tasks;
   m.run_time = observer_.run_time();
   return m;
 }

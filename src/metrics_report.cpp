@@ -103,7 +103,8 @@ std::vector<std::string> closures_row(const device_metrics& d) {
           fmt::format("{}", d.waiting),
           fmt::format("{}", d.pending),
           fmt::format("{}", d.queue_high_water),
-          format_duration(d.blocked_ns)};
+          format_duration(d.blocked_ns),
+          fmt::format("{}", d.async_tasks)};
 }
 
 std::vector<std::string> run_time_row(const device_metrics& d) {
@@ -132,7 +133,7 @@ std::string metrics_report(const metrics_snapshot& snapshot) {
 
   out += "closures (counts are sync/async/joined)\n";
   table closures({"device", "steps", "added", "ran", "failed", "dropped", "discarded", "waiting",
-                  "pending", "queue max", "blocked"});
+                  "pending", "queue max", "blocked", "tasks"});
   for (const device_metrics& d : snapshot.devices) closures.add(closures_row(d));
   device_metrics total = snapshot.total;
   total.device = "total";

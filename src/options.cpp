@@ -1,3 +1,4 @@
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -29,9 +30,10 @@ std::string lower(std::string_view s) {
   return out;
 }
 
-}  // namespace
-
-std::size_t parse_max_queue_size(const char* variable, const std::string& value) {
+/// An optional sign and decimal digits within `std::int64_t`, white space around them allowed.
+/// `meaning` ends the message for a value that is not an integer (what the variable's values
+/// mean).
+std::int64_t parse_int64(const char* variable, const std::string& value, std::string_view meaning) {
   std::string_view digits = trim(value);
   bool negative = false;
   if (!digits.empty() && (digits.front() == '+' || digits.front() == '-')) {
@@ -39,10 +41,9 @@ std::size_t parse_max_queue_size(const char* variable, const std::string& value)
     digits.remove_prefix(1);
   }
   if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos) {
-    throw config_error(
-        fmt::format("{}=\"{}\" is not an integer: expected an optional sign and decimal digits "
-                    "(0 or negative means unbounded)",
-                    variable, value));
+    throw config_error(fmt::format(
+        "{}=\"{}\" is not an integer: expected an optional sign and decimal digits ({})", variable,
+        value, meaning));
   }
   // Magnitude limit of std::int64_t: 2^63 - 1, or 2^63 for a negative value.
   const std::uint64_t limit =
@@ -51,15 +52,38 @@ std::size_t parse_max_queue_size(const char* variable, const std::string& value)
   for (const char c : digits) {
     const auto digit = static_cast<std::uint64_t>(c - '0');
     if (magnitude > (limit - digit) / 10) {
-      throw config_error(
-          fmt::format("{}=\"{}\" is out of range: it must fit in a 64-bit signed "
-                      "integer",
-                      variable, value));
+      throw config_error(fmt::format(
+          "{}=\"{}\" is out of range: it must fit in a 64-bit signed integer", variable, value));
     }
     magnitude = magnitude * 10 + digit;
   }
-  if (negative || magnitude == 0) return 0;
-  return static_cast<std::size_t>(magnitude);
+  if (!negative) return static_cast<std::int64_t>(magnitude);
+  // -2^63 has no positive counterpart: negate one less, then step down.
+  return magnitude == 0 ? 0 : -static_cast<std::int64_t>(magnitude - 1) - 1;
+}
+
+}  // namespace
+
+std::size_t parse_max_queue_size(const char* variable, const std::string& value) {
+  const std::int64_t n = parse_int64(variable, value, "0 or negative means unbounded");
+  return n <= 0 ? 0 : static_cast<std::size_t>(n);
+}
+
+std::chrono::microseconds parse_linger_us(const char* variable, const std::string& value) {
+  const std::int64_t us = parse_int64(variable, value, "microseconds, 0 to 1000000");
+  if (us < 0 || us > max_worker_linger.count()) {
+    throw config_error(fmt::format("{}=\"{}\" is out of range: expected microseconds from 0 to {}",
+                                   variable, value, max_worker_linger.count()));
+  }
+  return std::chrono::microseconds(us);
+}
+
+void check_worker_linger(std::chrono::microseconds linger) {
+  if (linger < std::chrono::microseconds::zero() || linger > max_worker_linger) {
+    throw config_error(fmt::format(
+        "options::worker_linger is {} us: it must be from 0 (leave at once) to {} us (1 s)",
+        linger.count(), max_worker_linger.count()));
+  }
 }
 
 bool parse_switch(const char* variable, const std::string& value) {
@@ -85,6 +109,9 @@ options options::from_env() {
   if (const char* v = std::getenv("STEPFLOW_TRACE")) opts.trace_path = v;
   if (const char* v = std::getenv("STEPFLOW_RUN_TIME")) {
     opts.measure_run_time = detail::parse_switch("STEPFLOW_RUN_TIME", v);
+  }
+  if (const char* v = std::getenv("STEPFLOW_LINGER_US")) {
+    opts.worker_linger = detail::parse_linger_us("STEPFLOW_LINGER_US", v);
   }
   return opts;
 }

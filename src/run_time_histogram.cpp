@@ -72,6 +72,7 @@ device_metrics total_of(const std::vector<device_metrics>& devices,
     t.pending += d.pending;
     t.queue_high_water = std::max(t.queue_high_water, d.queue_high_water);
     t.blocked_ns += d.blocked_ns;
+    t.async_tasks += d.async_tasks;
     run_count += d.run_time.count;
     run_sum += d.run_time.sum_ns;
     run_max = std::max(run_max, d.run_time.max_ns);

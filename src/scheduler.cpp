@@ -41,7 +41,7 @@ class scheduler_state {
  public:
   scheduler_state(stepflow::scheduler& owner, const options& opts)
       : owner_(owner),
-        options_(opts),
+        options_(checked(opts)),
         // Only stepflow's drainer tasks run here, so no slot is reserved for an application
         // thread; sized to the worker pool (the thread limit in force, by default the cores,
         // minus one), since asking for more workers than exist makes oneTBB print a warning.
@@ -208,6 +208,12 @@ class scheduler_state {
         return;
       }
     }
+  }
+
+  /// `opts`, once every value in it is known to be usable (before anything is built with it).
+  static const options& checked(const options& opts) {
+    check_worker_linger(opts.worker_linger);
+    return opts;
   }
 
   static std::uint64_t total_handed_over(const std::vector<device_state*>& all) noexcept {

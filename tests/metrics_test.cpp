@@ -252,6 +252,7 @@ device_metrics sample_device(const std::string& name, std::uint64_t scale) {
   d.pending = 14 * scale;
   d.queue_high_water = 15 * scale;
   d.blocked_ns = 1'500'000 * scale;
+  d.async_tasks = 16 * scale;
   d.run_time.count = 100 * scale;
   d.run_time.sum_ns = 250'000 * scale;
   d.run_time.max_ns = 40'000 * scale;
@@ -291,6 +292,7 @@ TEST(TotalOf, SumsCountersAndTakesMaximaAndMergesPercentiles) {
   EXPECT_EQ(t.pending, 56u);
   EXPECT_EQ(t.queue_high_water, 45u);  // max, not sum
   EXPECT_EQ(t.blocked_ns, 6'000'000u);
+  EXPECT_EQ(t.async_tasks, 64u);
   EXPECT_EQ(t.run_time.count, 400u);
   EXPECT_EQ(t.run_time.sum_ns, 1'000'000u);
   EXPECT_EQ(t.run_time.sampled, 100u);

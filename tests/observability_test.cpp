@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <unistd.h>
 
@@ -194,6 +196,64 @@ TEST(Metrics, TimeBlockedOnAFullQueueIsMeasured) {
   releaser.join();
   d.flush();
   EXPECT_GT(s.metrics().devices.at(0).blocked_ns, 0u);
+}
+
+// Runs `steps` steps of `per_step` asynchronous closures each, `pause` apart, then flushes;
+// returns the device's async_tasks. Checks that every closure ran, in order.
+std::uint64_t async_tasks_of_paced_steps(std::chrono::microseconds linger, int steps,
+                                         std::chrono::microseconds pause) {
+  options o = quiet();
+  o.worker_linger = linger;
+  scheduler s(o);
+  device_context& d = s.device("d");
+  constexpr int per_step = 3;
+  std::vector<int> order;  // written by one closure at a time, in FIFO order
+  for (int step = 0; step < steps; ++step) {
+    for (int i = 0; i < per_step; ++i) {
+      d.add_step_closure(run_async, [&order, n = step * per_step + i] { order.push_back(n); });
+    }
+    d.run_step_closures();
+    std::this_thread::sleep_for(pause);
+  }
+  d.flush();
+  EXPECT_EQ(order.size(), static_cast<std::size_t>(steps * per_step));
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    if (order[i] != static_cast<int>(i)) {
+      ADD_FAILURE() << "closure " << order[i] << " ran in place " << i;
+      break;
+    }
+  }
+  const device_metrics m = row(s.metrics(), "d");
+  EXPECT_EQ(m.ran_async, static_cast<std::uint64_t>(steps * per_step));
+  EXPECT_NE(metrics_report(s.metrics()).find("tasks"), std::string::npos);
+  return m.async_tasks;
+}
+
+TEST(Metrics, AWorkerLingeringLongerThanTheStepPeriodRunsLaterStepsWithoutNewTasks) {
+  // Steps 2 ms apart: far beyond the default linger (100 us), so without the option every step
+  // starts a task; with 1 s the worker that ran step 1 watches for the rest. It stops lingering
+  // while other processes keep every CPU busy (a yield that takes over 1 ms), as under a
+  // parallel test run, so a few attempts are allowed: one with any step caught is enough.
+  constexpr int steps = 30;
+  std::uint64_t fewest = steps + 1;
+  for (int attempt = 0; attempt < 5 && fewest >= steps; ++attempt) {
+    const std::uint64_t tasks =
+        async_tasks_of_paced_steps(std::chrono::seconds(1), steps, std::chrono::milliseconds(2));
+    EXPECT_GE(tasks, 1u);
+    fewest = std::min(fewest, tasks);
+  }
+  EXPECT_LT(fewest, static_cast<std::uint64_t>(steps));
+}
+
+TEST(Metrics, AWorkerThatNeverLingersStillRunsEveryStepInOrder) {
+  // Linger 0: every step that finds the queue idle enqueues a task of its own (or a late one
+  // from before runs it).
+  for (const std::chrono::microseconds pause :
+       {std::chrono::microseconds(0), std::chrono::microseconds(500)}) {
+    const std::uint64_t tasks = async_tasks_of_paced_steps(std::chrono::microseconds(0), 40, pause);
+    EXPECT_GE(tasks, 1u);
+    EXPECT_LE(tasks, 40u);
+  }
 }
 
 std::string temp_path(const char* name) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -41,6 +42,7 @@ TEST(Options, DefaultsMatchTorch) {
   EXPECT_FALSE(o.sync_mode);
   EXPECT_EQ(o.default_device, "default");
   EXPECT_FALSE(o.measure_run_time);  // issue 4: it costs more than 10% of small steps
+  EXPECT_EQ(o.worker_linger, std::chrono::microseconds(100));
 }
 
 TEST(Options, FromEnvWithNothingSetGivesTheDefaults) {
@@ -154,6 +156,74 @@ TEST(Options, BadEnvironmentFailsTheSchedulerConstructionNotLater) {
   scoped_env q("LTC_MAX_ASYNC_QUEUE", nullptr);
   scoped_env s("STEPFLOW_SYNC", "maybe");
   EXPECT_THROW(scheduler s2, config_error);
+}
+
+TEST(Options, LingerAcceptsMicrosecondsFromZeroToOneSecond) {
+  using detail::parse_linger_us;
+  using std::chrono::microseconds;
+  EXPECT_EQ(parse_linger_us("V", "0"), microseconds(0));
+  EXPECT_EQ(parse_linger_us("V", " 5000\t"), microseconds(5000));
+  EXPECT_EQ(parse_linger_us("V", "+250"), microseconds(250));
+  EXPECT_EQ(parse_linger_us("V", "-0"), microseconds(0));
+  EXPECT_EQ(parse_linger_us("V", "1000000"), microseconds(1'000'000));
+}
+
+TEST(Options, LingerRejectsNonIntegersAndValuesOutOfRangeNamingVariableAndValue) {
+  struct bad_value {
+    const char* text;
+    const char* reason;
+  };
+  for (const bad_value bad : {bad_value{"abc", "not an integer"},
+                              {"", "not an integer"},
+                              {"1.5", "not an integer"},
+                              {"5ms", "not an integer"},
+                              {"-1", "out of range"},
+                              {"1000001", "out of range"},
+                              {"99999999999999999999", "out of range"}}) {
+    try {
+      detail::parse_linger_us("STEPFLOW_LINGER_US", bad.text);
+      ADD_FAILURE() << "accepted \"" << bad.text << "\"";
+    } catch (const config_error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(std::string("STEPFLOW_LINGER_US=\"") + bad.text + "\""),
+                std::string::npos)
+          << what;
+      EXPECT_NE(what.find(bad.reason), std::string::npos) << what;
+    }
+  }
+}
+
+TEST(Options, FromEnvReadsTheLinger) {
+  {
+    scoped_env l("STEPFLOW_LINGER_US", nullptr);
+    EXPECT_EQ(options::from_env().worker_linger, std::chrono::microseconds(100));
+  }
+  scoped_env l("STEPFLOW_LINGER_US", "5000");
+  EXPECT_EQ(options::from_env().worker_linger, std::chrono::microseconds(5000));
+}
+
+TEST(Options, ALingerOutOfRangeFailsTheSchedulerConstructionNamingTheOption) {
+  for (const std::chrono::microseconds bad :
+       {std::chrono::microseconds(-1), std::chrono::microseconds(1'000'001),
+        std::chrono::microseconds(std::chrono::hours(1))}) {
+    options o;
+    o.worker_linger = bad;
+    try {
+      scheduler s(o);
+      ADD_FAILURE() << "accepted " << bad.count() << " us";
+    } catch (const config_error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("options::worker_linger is " + std::to_string(bad.count()) + " us"),
+                std::string::npos)
+          << what;
+    }
+  }
+  for (const std::chrono::microseconds good :
+       {std::chrono::microseconds(0), std::chrono::microseconds(1'000'000)}) {
+    options o;
+    o.worker_linger = good;
+    EXPECT_NO_THROW(scheduler s(o)) << good.count() << " us";
+  }
 }
 
 TEST(Options, ConfigErrorIsAStepflowError) {

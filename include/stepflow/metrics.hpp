@@ -46,6 +46,10 @@ struct device_metrics {
   std::uint64_t pending = 0;           ///< async handed over, not yet started
   std::uint64_t queue_high_water = 0;  ///< largest `pending` seen
   std::uint64_t blocked_ns = 0;        ///< producers' time waiting for room in a full queue
+  /// oneTBB tasks started to run asynchronous closures; each may have had to wake a sleeping
+  /// worker. Near `steps` when the steps come further apart than `options::worker_linger`, which
+  /// keeps the worker that ran one step's closures watching for the next.
+  std::uint64_t async_tasks = 0;
   run_time_stats run_time;
 };
 

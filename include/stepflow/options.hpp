@@ -2,6 +2,7 @@
 /// \file
 /// `stepflow::options`: every setting of a scheduler, as a value type with defaults.
 
+#include <chrono>
 #include <cstddef>
 #include <exception>
 #include <functional>
@@ -56,6 +57,19 @@ struct options {
   /// scheduler. Empty: every device created before the first step end of any device takes part.
   std::vector<std::string> participants;
 
+  /// How long the oneTBB worker that ran a device's asynchronous closures stays, once they are
+  /// done, watching for the next step's (yielding its CPU between looks) before it goes back to
+  /// oneTBB. A step that ends within that time has its closures started by that worker at once
+  /// (p50 1-3 us here); a later one enqueues a task, which may have to wake a sleeping worker
+  /// (p50 20-40 us, p99 100-350 us on the virtual machines of docs/benchmarks.md, B5). So a loop
+  /// whose steps come every few milliseconds and that needs its closures started promptly may
+  /// raise it above its step period, at the price of a CPU spent polling between steps. The
+  /// worker never lingers while another of stepflow's tasks waits for a worker, nor while every
+  /// CPU is taken by other processes, and not at all when steps last came further apart than
+  /// this. `device_metrics::async_tasks` counts the tasks a longer linger would have saved.
+  /// From 0 (leave at once) to 1 s; otherwise the scheduler's constructor throws `config_error`.
+  std::chrono::microseconds worker_linger{100};
+
   /// Run asynchronous closures in an arena of `tbb::task_arena::priority::low`, so they yield
   /// oneTBB's workers to the application's own arenas.
   bool low_priority = false;
@@ -87,8 +101,9 @@ struct options {
 
   /// The defaults, then the environment: `LTC_MAX_ASYNC_QUEUE` (integer; 0 or negative means
   /// unbounded), `STEPFLOW_SYNC` (1/true/on/yes or 0/false/off/no/empty), `STEPFLOW_TRACE`
-  /// (a file path for `trace_path`) and `STEPFLOW_RUN_TIME` (a switch like `STEPFLOW_SYNC`, for
-  /// `measure_run_time`).
+  /// (a file path for `trace_path`), `STEPFLOW_RUN_TIME` (a switch like `STEPFLOW_SYNC`, for
+  /// `measure_run_time`) and `STEPFLOW_LINGER_US` (microseconds, 0 to 1000000, for
+  /// `worker_linger`).
   /// Throws `config_error` naming the variable and its value when a value does not parse.
   static options from_env();
 };
@@ -97,6 +112,13 @@ namespace detail {
 /// Parses an `LTC_MAX_ASYNC_QUEUE` value: surrounding white space, an optional sign, decimal
 /// digits, within `std::int64_t`. Non-positive means unbounded (0). Throws `config_error`.
 std::size_t parse_max_queue_size(const char* variable, const std::string& value);
+/// Parses a `STEPFLOW_LINGER_US` value: surrounding white space, an optional `+`, decimal
+/// digits, from 0 to 1000000 (`max_worker_linger`). Throws `config_error`.
+std::chrono::microseconds parse_linger_us(const char* variable, const std::string& value);
+/// Throws `config_error` naming the option and its value unless `linger` is within
+/// [0, `max_worker_linger`].
+void check_worker_linger(std::chrono::microseconds linger);
+inline constexpr std::chrono::microseconds max_worker_linger = std::chrono::seconds(1);
 /// Parses a boolean switch such as `STEPFLOW_SYNC`. Throws `config_error`.
 bool parse_switch(const char* variable, const std::string& value);
 }  // namespace detail

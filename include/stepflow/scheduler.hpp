@@ -23,7 +23,9 @@ class scheduler_state;
 class scheduler {
  public:
   /// Reads nothing but `opts`; `options::from_env()` is the default (and may throw
-  /// `config_error`). Starts no thread: asynchronous closures run on oneTBB's worker pool.
+  /// `config_error`). Throws `config_error` for a value out of its documented range
+  /// (`options::worker_linger`) or a trace file it cannot create. Starts no thread: asynchronous
+  /// closures run on oneTBB's worker pool.
   explicit scheduler(const options& opts = options::from_env());
 
   /// Waits for every queued asynchronous closure (running them itself if no worker does), then

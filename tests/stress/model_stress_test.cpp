@@ -145,6 +145,11 @@ class stress_round {
       o.ordering = config_.lockstep ? step_ordering::lockstep : step_ordering::per_device;
       o.report_to_stderr = false;
       o.measure_run_time = (seed_ & 1) == 0;  // both modes of the closures' run loop
+      // A drainer that never lingers, the default, and one that outlasts any pause here.
+      constexpr std::chrono::microseconds lingers[] = {std::chrono::microseconds(0),
+                                                       std::chrono::microseconds(100),
+                                                       std::chrono::microseconds(1'000'000)};
+      o.worker_linger = lingers[(seed_ >> 1) % 3];
       o.on_shutdown_report = [this](const shutdown_report& r) {
         for (const device_shutdown_report& d : r.devices) {
           if (d.unreported_error) model_.reported(d.unreported_error, d.discarded);
