@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -129,9 +130,10 @@ void run_latency_loop(benchmark::State& state, sink& s, AddStamp add_stamp, AddW
   check_sink(state, s, closures / closures_per_step * (closures_per_step - 1));
 }
 
-void latency_stepflow(benchmark::State& state) {
+void run_latency_stepflow(benchmark::State& state, std::chrono::microseconds linger) {
   stepflow::options opts;
   opts.max_queue_size = queue_bound;
+  opts.worker_linger = linger;
   stepflow::scheduler sched(opts);
   stepflow::device_context& dev = sched.device("bench");
   sink s;
@@ -139,6 +141,17 @@ void latency_stepflow(benchmark::State& state) {
       state, s, [&](stamp st) { dev.add_step_closure(stepflow::run_async, st); },
       [&](const work<16>& w) { dev.add_step_closure(stepflow::run_async, w); },
       [&] { dev.run_step_closures(); }, [&] { dev.flush(); });
+}
+
+void latency_stepflow(benchmark::State& state) {
+  run_latency_stepflow(state, stepflow::options{}.worker_linger);
+}
+
+/// stepflow told to keep its worker watching for longer than the 2 ms step period
+/// (options::worker_linger = 5 ms), so that the worker does not go to sleep between steps: what
+/// a user who gives a CPU to polling gets in the regimes where the worker would otherwise sleep.
+void latency_stepflow_lingering(benchmark::State& state) {
+  run_latency_stepflow(state, std::chrono::milliseconds(5));
 }
 
 /// The baselines and floors: add(callable), run_step_closures(), flush().
@@ -244,9 +257,17 @@ void latency_args(benchmark::internal::Benchmark* b) {
   b->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
+void asleep_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"period_us", "gap", "steps"});
+  b->Args({2000, spin, 1'000});
+  b->Args({2000, sleep, 1'000});
+  b->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
 }  // namespace
 
 BENCHMARK(latency_stepflow)->Name("B5_latency/stepflow")->Apply(latency_args);
+BENCHMARK(latency_stepflow_lingering)->Name("B5_latency/stepflow_linger_5ms")->Apply(asleep_args);
 BENCHMARK(latency_task_per_closure)->Name("B5_latency/tbb_task_per_closure")->Apply(latency_args);
 BENCHMARK(latency_torch_port)->Name("B5_latency/torch_port")->Apply(latency_args);
 #if defined(__linux__)
