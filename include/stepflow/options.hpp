@@ -63,10 +63,12 @@ struct options {
   /// (p50 1-3 us here); a later one enqueues a task, which may have to wake a sleeping worker
   /// (p50 20-40 us, p99 100-350 us on the virtual machines of docs/benchmarks.md, B5). So a loop
   /// whose steps come every few milliseconds and that needs its closures started promptly may
-  /// raise it above its step period, at the price of a CPU spent polling between steps. The
-  /// worker never lingers while another of stepflow's tasks waits for a worker, nor while every
-  /// CPU is taken by other processes, and not at all when steps last came further apart than
-  /// this. `device_metrics::async_tasks` counts the tasks a longer linger would have saved.
+  /// raise it above its step period, at the price of a CPU spent polling between steps: while it
+  /// lingers the worker is not in oneTBB's pool, so the application's own parallel work between
+  /// steps has one worker fewer per device. The worker never lingers while another of stepflow's
+  /// tasks waits for a worker, nor while every CPU is taken by other processes, and not at all
+  /// when steps last came further apart than this. `device_metrics::async_tasks` counts the
+  /// tasks started: about one per step means the steps come further apart than the linger.
   /// From 0 (leave at once) to 1 s; otherwise the scheduler's constructor throws `config_error`.
   std::chrono::microseconds worker_linger{100};
 
