@@ -24,7 +24,10 @@
 //   configuration:  bits 0-1 devices-1 (1..4); bits 2-3 max_queue_size {1, 2, 7, 0=unbounded};
 //                   bit 4 sync_mode; bit 5 lockstep ordering (every device a participant, which
 //                   they are in per-device ordering too);
-//                   bits 6-7 oneTBB threads {default, 1, 2, 4}
+//                   bits 6-7 oneTBB threads {default, 1, 2, 4};
+//                   not in the byte (it is full, and the corpus keeps its meaning): the worker's
+//                   linger, 100 us (the default) for the first scheduler of a program, then
+//                   0, 1 s and 100 us in turn for the ones opcode 14 builds
 //   closure spec:   bits 0-2 behaviour: 0,1 plain; 2 throw std::runtime_error; 3 throw int;
 //                   4 add a plain closure (bit 5: async, else sync) to device (spec>>3)&3;
 //                   5 run_step_closures() on device (spec>>3)&3 from inside; 6 flush that device
@@ -217,7 +220,15 @@ struct config {
   bool sync_mode = false;
   bool lockstep = false;
   int tbb_threads = 0;  // 0: oneTBB's default
+  std::chrono::microseconds linger{100};
 };
+
+/// The linger of a program's `index`-th scheduler (0 for the first; see decode_config).
+std::chrono::microseconds linger_of(std::size_t index) {
+  static constexpr std::array<std::chrono::microseconds, 3> lingers{
+      std::chrono::microseconds(100), std::chrono::microseconds(0), std::chrono::seconds(1)};
+  return lingers[index % lingers.size()];
+}
 
 config decode_config(std::uint8_t b) {
   static constexpr std::array<std::size_t, 4> queues{1, 2, 7, 0};
@@ -469,6 +480,7 @@ class harness {
     }
     stepflow::options o;
     o.max_queue_size = c.max_queue;
+    o.worker_linger = c.linger;
     o.sync_mode = c.sync_mode;
     o.ordering =
         c.lockstep ? stepflow::step_ordering::lockstep : stepflow::step_ordering::per_device;
@@ -480,8 +492,11 @@ class harness {
     for (int d = 0; d < c.devices; ++d)
       devices_[static_cast<std::size_t>(d)] = &s_->device(name(d));
     stats().schedulers.fetch_add(1, std::memory_order_relaxed);
-    trace("scheduler: %d devices, max_queue_size %zu, sync_mode %d, lockstep %d, tbb threads %d",
-          c.devices, c.max_queue, c.sync_mode, c.lockstep, c.tbb_threads);
+    trace(
+        "scheduler: %d devices, max_queue_size %zu, sync_mode %d, lockstep %d, tbb threads %d, "
+        "linger %lld us",
+        c.devices, c.max_queue, c.sync_mode, c.lockstep, c.tbb_threads,
+        static_cast<long long>(c.linger.count()));
   }
 
   harness(const harness&) = delete;
@@ -989,13 +1004,16 @@ void harness::run_closure(std::size_t id, std::uint64_t joined_step) {
 void run_program(const program& p) {
   try {
     auto h = std::make_unique<harness>(p.first, p.max_closures);
+    std::size_t schedulers = 1;
     for (std::size_t i = 0; i < p.ops.size(); ++i) {
       input().op.store(static_cast<int>(i));
       const operation& o = p.ops[i];
       if (o.code == op_code::recreate) {
         h->finish();
         h.reset();
-        h = std::make_unique<harness>(o.cfg, p.max_closures);
+        config next = o.cfg;
+        next.linger = linger_of(schedulers++);
+        h = std::make_unique<harness>(next, p.max_closures);
       } else {
         h->run(o);
       }
