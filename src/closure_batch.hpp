@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "stepflow/closure.hpp"
+#include "stepflow/detail/closure_lane.hpp"
 
 namespace stepflow::detail {
 
@@ -25,7 +26,7 @@ class pending_closures;
 /// (`closure_ops::record_size` bytes in all). A null table address marks the end of the records
 /// in a chunk the owner has left; so does too little room for one.
 struct lane_chunk {
-  static constexpr std::size_t record_bytes = 8192 - 64;  // an 8 KiB allocation in all
+  static constexpr std::size_t record_bytes = chunk_record_bytes;
 
   lane_chunk* next = nullptr;        // written by the owner before it publishes a record there
   std::uint32_t sealed_records = 0;  // records in this chunk, written with `next`

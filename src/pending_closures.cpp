@@ -23,7 +23,6 @@ std::uint32_t sequence_of(std::uint64_t word) noexcept {
 std::uint32_t count_of(std::uint64_t word) noexcept {
   return static_cast<std::uint32_t>(word >> 34);
 }
-static_assert(lane_chunk::record_bytes < (std::size_t{1} << 14), "offsets must fit 14 bits");
 }  // namespace
 
 void closure_lane_tail::push(closure&& c) {
@@ -32,10 +31,8 @@ void closure_lane_tail::push(closure&& c) {
 
 pending_closures::pending_closures() : tail_chunk_(new lane_chunk), head_(tail_chunk_) {
   static_assert(count_shift == 34);
-  // The first chunk is empty and the owner not yet known: the first add takes the slow path,
-  // which claims the lane; from then on `tail_` points into this chunk.
-  tail_ = tail_chunk_->records;
-  end_ = tail_;
+  // The owner is not yet known: the first add takes the slow path, which claims the lane.
+  chunk_records_ = tail_chunk_->records;
   spare_chunks_.reserve(chunks_);  // recycling never allocates: see new_chunk
 }
 
@@ -68,34 +65,27 @@ void pending_closures::push_any(closure&& c) {
 
 void pending_closures::push_owned(closure&& c) {
   const std::size_t size = closure_access::ref(c).ops->record_size;
-  if (static_cast<std::size_t>(end_ - tail_) < size) start_chunk(size);
-  closure_access::move_to_record(c, tail_);
-  tail_ += size;
-  word_ += count_one + size;
-  published_.store(word_, std::memory_order_release);
+  std::uint64_t word = published_.load(std::memory_order_relaxed);
+  if (offset_of(word) > chunk_record_bytes - size) word = start_chunk(word);
+  closure_access::move_to_record(c, chunk_records_ + offset_of(word));
+  published_.store(word + count_one + size, std::memory_order_release);
 }
 
-void pending_closures::start_chunk(std::size_t room) {
-  if (end_ == tail_chunk_->records) {
-    // Only the very first chunk is still unused: the lane has just been claimed.
-    end_ = tail_chunk_->records + lane_chunk::record_bytes;
-    if (static_cast<std::size_t>(end_ - tail_) >= room) return;
-  }
+std::uint64_t pending_closures::start_chunk(std::uint64_t word) {
   lane_chunk* next = new_chunk();
-  if (static_cast<std::size_t>(end_ - tail_) >= sizeof(closure_ops*)) {
+  if (chunk_record_bytes - offset_of(word) >= sizeof(closure_ops*)) {
     const closure_ops* none = nullptr;
-    std::memcpy(tail_, &none, sizeof none);
+    std::memcpy(chunk_records_ + offset_of(word), &none, sizeof none);
   }
-  const std::uint32_t records_before = static_cast<std::uint32_t>(count_of(word_));
   tail_chunk_->sealed_records =
-      static_cast<std::uint32_t>((records_before - count_of(tail_chunk_word_)) & count_mask);
+      static_cast<std::uint32_t>((count_of(word) - count_of(tail_chunk_word_)) & count_mask);
   tail_chunk_->next = next;  // published with the next record's word
   tail_chunk_ = next;
-  tail_ = next->records;
-  end_ = next->records + lane_chunk::record_bytes;
-  word_ = (word_ & ~((std::uint64_t{1} << count_shift) - 1)) |
-          (((sequence_of(word_) + 1) & sequence_mask) << 14);
-  tail_chunk_word_ = word_;
+  chunk_records_ = next->records;
+  // Not published here: the word for the new chunk goes out with its first record.
+  tail_chunk_word_ = (word & ~((std::uint64_t{1} << count_shift) - 1)) |
+                     (std::uint64_t{(sequence_of(word) + 1) & sequence_mask} << offset_bits);
+  return tail_chunk_word_;
 }
 
 void pending_closures::take(closure_batch& out) {

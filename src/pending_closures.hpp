@@ -59,13 +59,15 @@ class pending_closures : public closure_lane_tail {
 
   void push_any(closure&& c);
   void push_owned(closure&& c);
-  void start_chunk(std::size_t room);
+  /// Seals the chunk being filled, whose records end at `word`, and moves to a new one.
+  /// Returns the word the new chunk's first record is added to.
+  std::uint64_t start_chunk(std::uint64_t word);
   void take_owned_upto(std::uint64_t word, closure_batch& out);
   lane_chunk* new_chunk();
   void recycle(lane_chunk* c) noexcept;
 
   lane_chunk* tail_chunk_;             // owner-only
-  std::uint64_t tail_chunk_word_ = 0;  // owner-only: `word_` when `tail_chunk_` was started
+  std::uint64_t tail_chunk_word_ = 0;  // owner-only: the word `tail_chunk_` started at
 
   // Step-end side, touched only under the device's take lock (`owner_taken_` is also read by
   // `pushed`).

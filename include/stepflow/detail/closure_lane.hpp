@@ -16,6 +16,9 @@
 
 namespace stepflow::detail {
 
+/// Bytes of records in one chunk of a lane (an 8 KiB allocation with its header).
+inline constexpr std::size_t chunk_record_bytes = 8192 - 64;
+
 /// Why a lane: an atomic read-modify-write costs about 8 ns on this project's machines, as much
 /// as the rest of adding a closure. Nearly always one thread adds a device's closures and ends
 /// its steps, so the first thread that adds becomes the lane's *owner*: it constructs each
@@ -32,14 +35,18 @@ class closure_lane_tail {
   template <class Stored, class... Args>
   void emplace(Args&&... args) {
     constexpr std::size_t size = record_size_of<Stored>;
+    static_assert(size <= chunk_record_bytes);
+    // The published word is also the owner's record of where it is: adding a record is one
+    // load and one store of it besides the record's own stores.
+    const std::uint64_t word = published_.load(std::memory_order_relaxed);
+    const std::size_t offset = static_cast<std::size_t>(word & offset_mask);
     if (owner_.load(std::memory_order_relaxed) == this_thread_id() &&
-        static_cast<std::size_t>(end_ - tail_) >= size) [[likely]] {
+        offset <= chunk_record_bytes - size) [[likely]] {
+      unsigned char* const at = chunk_records_ + offset;
       const closure_ops* ops =
-          construct_callable<Stored>(tail_ + sizeof ops, std::forward<Args>(args)...);
-      std::memcpy(tail_, &ops, sizeof ops);
-      tail_ += size;
-      word_ += count_one + size;
-      published_.store(word_, std::memory_order_release);
+          construct_callable<Stored>(at + sizeof ops, std::forward<Args>(args)...);
+      std::memcpy(at, &ops, sizeof ops);
+      published_.store(word + count_one + size, std::memory_order_release);
     } else {
       push(closure(std::in_place_type<Stored>, std::forward<Args>(args)...));
     }
@@ -63,12 +70,12 @@ class closure_lane_tail {
   static constexpr unsigned sequence_bits = 20;
   static constexpr unsigned count_shift = offset_bits + sequence_bits;
   static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
+  static constexpr std::uint64_t offset_mask = (std::uint64_t{1} << offset_bits) - 1;
+  static_assert(chunk_record_bytes < (std::size_t{1} << offset_bits), "offsets must fit");
 
   std::atomic<std::uint64_t> owner_{0};  // this_thread_id() of the owner, 0 until claimed
-  // Owner-only, apart from `published_`. Aligned so the step end's fields do not share its line.
-  alignas(64) unsigned char* tail_ = nullptr;  // where the next record goes
-  unsigned char* end_ = nullptr;               // end of the current chunk's records
-  std::uint64_t word_ = 0;                     // the owner's copy of `published_`
+  // Written by the owner only. Aligned so the step end's fields do not share its line.
+  alignas(64) unsigned char* chunk_records_ = nullptr;  // the records of the chunk being filled
   std::atomic<std::uint64_t> published_{0};
 };
 
