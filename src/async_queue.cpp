@@ -103,13 +103,13 @@ async_queue::~async_queue() = default;
 std::uint64_t async_queue::pending() const noexcept {
   const std::uint64_t started = started_.load(std::memory_order_acquire);
   const std::uint64_t reserved = reserved_.load(std::memory_order_acquire);
-  std::uint64_t admitted = capacity_ == 0 ? reserved : std::min(reserved, started + capacity_);
+  std::uint64_t admitted = fits(started, reserved) ? reserved : started + capacity_;
   admitted = std::max(admitted, forced_.load(std::memory_order_acquire));
   return admitted > started ? admitted - started : 0;
 }
 
 bool async_queue::admitted(std::uint64_t ticket) const noexcept {
-  return capacity_ == 0 || started_.load(std::memory_order_acquire) + capacity_ >= ticket ||
+  return fits(started_.load(std::memory_order_acquire), ticket) ||
          forced_.load(std::memory_order_acquire) >= ticket;
 }
 
@@ -414,12 +414,18 @@ template <class Done>
 bool async_queue::wait_until(lock_type& lock, Done done,
                              const std::chrono::steady_clock::time_point* deadline,
                              bool recheck) noexcept {
+  const auto out_of_time = [deadline] {
+    return deadline != nullptr && std::chrono::steady_clock::now() >= *deadline;
+  };
   while (!done()) {
+    if (out_of_time()) return false;
     if (!draining_ && runnable_locked() && !drainer_about_to_start_locked()) {
       // Nobody is running closures (no free worker, or the task did not start in time): do it
-      // here rather than wait on a worker that may never come.
+      // here rather than wait on a worker that may never come. A bounded wait stops at its
+      // deadline, between two batches (a batch it started runs to its end), and leaves the
+      // rest to the drainer task that giving up the role schedules.
       draining_ = true;
-      const std::uint64_t step = drain_locked(lock, done);
+      const std::uint64_t step = drain_locked(lock, [&] { return done() || out_of_time(); });
       release_drain_role_locked();
       if (step != 0) {
         lock.unlock();

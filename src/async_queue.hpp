@@ -84,8 +84,15 @@ class async_queue {
   /// if need be.
   void wait_admitted(std::uint64_t ticket) {
     // Lock-free when there is room, which is the common case.
-    if (capacity_ == 0 || started_.load(std::memory_order_acquire) + capacity_ >= ticket) return;
+    if (fits(started_.load(std::memory_order_acquire), ticket)) return;
     wait_admitted_slow(ticket);
+  }
+
+  /// Whether the closures reserved up to `ticket` fit beside `started` started ones: `started +
+  /// capacity >= ticket`, written so that a capacity near `SIZE_MAX` (`max_queue_size = -1`)
+  /// cannot wrap around and wait forever; such a bound is unbounded in effect.
+  bool fits(std::uint64_t started, std::uint64_t ticket) const noexcept {
+    return capacity_ == 0 || ticket <= started || ticket - started <= capacity_;
   }
 
   /// Blocks until every closure handed over before the call ran or was discarded, running

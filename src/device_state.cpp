@@ -35,8 +35,12 @@ device_state::device_state(stepflow::scheduler& owner, std::string name, const o
 device_state::~device_state() { mark_dead(&context_); }
 
 void device_state::report_async_failure() {
-  if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
+  report_own_async_failure();
   if (auto failure = graph_.take_failure()) throw_async_closure_error(joined_device_name, *failure);
+}
+
+void device_state::report_own_async_failure() {
+  if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
 }
 
 void device_state::run_step_closures() {

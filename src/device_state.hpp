@@ -52,6 +52,9 @@ class device_state {
   /// Throws `async_closure_error` if a failure of this device, or of a joined closure, awaits
   /// its report.
   void report_async_failure();
+  /// The same for this device's own failure only (`scheduler::flush` reports every device's
+  /// before the joined closures').
+  void report_own_async_failure();
 
   async_queue& queue() noexcept { return queue_; }
 

@@ -86,6 +86,15 @@ void check_worker_linger(std::chrono::microseconds linger) {
   }
 }
 
+void check_trace_max_events(std::size_t events) {
+  if (events > max_trace_events) {
+    throw config_error(fmt::format(
+        "options::trace_max_events is {}: it must be at most {} (2^32); the trace keeps the most "
+        "recent events and counts the rest",
+        events, max_trace_events));
+  }
+}
+
 bool parse_switch(const char* variable, const std::string& value) {
   const std::string v = lower(trim(value));
   if (v.empty() || v == "0" || v == "false" || v == "off" || v == "no") return false;

@@ -112,7 +112,7 @@ class scheduler_state {
     if (!graph_.wait_for_joined(deadline)) return false;
     write_trace();
     // Only the first failure is thrown; the others stay recorded for their devices' next call.
-    for (device_state* d : all) d->report_async_failure();
+    for (device_state* d : all) d->report_own_async_failure();
     if (auto failure = graph_.take_failure())
       throw_async_closure_error(joined_device_name, *failure);
     return true;
@@ -213,6 +213,7 @@ class scheduler_state {
   /// `opts`, once every value in it is known to be usable (before anything is built with it).
   static const options& checked(const options& opts) {
     check_worker_linger(opts.worker_linger);
+    check_trace_max_events(opts.trace_max_events);
     return opts;
   }
 

@@ -99,6 +99,9 @@ TEST(Capture, NullCallablesAreRejectedWhenAdded) {
   EXPECT_THROW(d.add_step_closure(run_async, empty), std::invalid_argument);
   EXPECT_THROW(d.add_step_closure(null_member, std::string()), std::invalid_argument);
   EXPECT_THROW(d.add_step_closure(closure{}), std::invalid_argument);
+  // Inside `labeled` too: otherwise the null pointer would only be called on a worker.
+  EXPECT_THROW(d.add_step_closure(run_async, labeled("null", null_fn)), std::invalid_argument);
+  EXPECT_THROW(d.add_step_closure(labeled("empty", empty)), std::invalid_argument);
   // Nothing was queued: the step end runs nothing and the device still works.
   int ran = 0;
   d.add_step_closure([&] { ++ran; });

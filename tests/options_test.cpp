@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 namespace stepflow {
@@ -141,6 +142,21 @@ TEST(Options, FromEnvRunTimeSwitchRejectsMaybeNamingTheVariable) {
     EXPECT_NE(std::string(e.what()).find("STEPFLOW_RUN_TIME=\"maybe\""), std::string::npos)
         << e.what();
   }
+}
+
+TEST(Options, ATraceLargerThanTwoToThe32EventsIsRefusedAtConstruction) {
+  options o;
+  o.trace_max_events = std::numeric_limits<std::size_t>::max();
+  try {
+    scheduler s(o);
+    ADD_FAILURE() << "accepted trace_max_events = SIZE_MAX";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("options::trace_max_events is 18446744073709551615"),
+              std::string::npos)
+        << e.what();
+  }
+  o.trace_max_events = detail::max_trace_events;
+  EXPECT_NO_THROW(scheduler{o}) << "2^32 itself is allowed (without a trace path, nothing is kept)";
 }
 
 TEST(Options, FromEnvNegativeMeansUnbounded) {

@@ -9,6 +9,8 @@
 #include <oneapi/tbb/task_group.h>
 
 #include <atomic>
+#include <chrono>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -20,6 +22,7 @@
 #include "support/tbb_threads.hpp"
 #include "support/test_options.hpp"
 #include "support/tsan_handoff.hpp"
+#include "support/watchdog.hpp"
 
 namespace stepflow {
 namespace {
@@ -129,6 +132,85 @@ TEST_P(Scheduler, FlushReportsTheFirstFailureAndOthersKeepTheirs) {
   }
   EXPECT_NO_THROW(s.flush());
   EXPECT_NO_THROW(a.flush());
+}
+
+TEST_P(Scheduler, FlushReportsEveryDevicesFailureBeforeTheJoinedClosures) {
+  scheduler s(quiet_options());
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  s.add_joined_step_closure([] { throw std::runtime_error("joined failed"); });
+  b.add_step_closure(run_async, [] { throw std::runtime_error("b failed"); });
+  a.run_step_closures();
+  b.run_step_closures();
+  // The flush waits for both failures before it reports either: devices by name, then joined.
+  for (const char* expected : {"b", "joined"}) {
+    try {
+      s.flush();
+      ADD_FAILURE() << "no failure reported where " << expected << "'s was expected";
+    } catch (const async_closure_error& e) {
+      EXPECT_EQ(e.device(), expected);
+    }
+  }
+  EXPECT_NO_THROW(s.flush());
+}
+
+TEST_P(Scheduler, AQueueBoundTooLargeToAddToIsUnboundedInEffect) {
+  // max_queue_size = -1, as torch's "negative means unbounded" suggests, is SIZE_MAX: room was
+  // computed as started + bound, which wrapped around once a closure had started.
+  testing::watchdog dog(std::chrono::seconds(60), "step ends with max_queue_size = SIZE_MAX");
+  scheduler s(quiet_options(std::numeric_limits<std::size_t>::max()));
+  device_context& d = s.device("d");
+  std::atomic<int> ran{0};
+  for (int step = 0; step < 3; ++step) {
+    for (int i = 0; i < 10; ++i) d.add_step_closure(run_async, [&] { ++ran; });
+    d.run_step_closures();
+    if (step == 0) d.flush();  // closures have started before the next step end
+  }
+  d.flush();
+  EXPECT_EQ(ran.load(), 30);
+}
+
+TEST_P(Scheduler, ABoundedFlushGivesUpAtItsDeadlineEvenWhileItRunsClosuresItself) {
+  // With one oneTBB thread no worker exists and the flushing thread runs the closures; it must
+  // still stop once the deadline passed, between two steps' batches.
+  testing::watchdog dog(std::chrono::seconds(60), "flush_for behind 20 slow steps");
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  constexpr int steps = 20;
+  std::atomic<int> ran{0};
+  for (int step = 0; step < steps; ++step) {
+    d.add_step_closure(run_async, [&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      ++ran;
+    });
+    d.run_step_closures();
+  }
+  EXPECT_FALSE(d.flush_for(std::chrono::milliseconds(50)));
+  EXPECT_LT(ran.load(), steps) << "the flush ran every step's closure past its deadline";
+  EXPECT_FALSE(s.flush_for(std::chrono::milliseconds(-1))) << "a negative timeout gives up at once";
+  d.flush();
+  EXPECT_EQ(ran.load(), steps);
+}
+
+TEST_P(Scheduler, AFlushTimeoutBeyondTheClocksRangeWaitsUntilDone) {
+  // seconds::max() in nanoseconds overflows: the deadline must saturate, not wrap into the past.
+  scheduler s(quiet_options());
+  device_context& d = s.device("d");
+  std::atomic<int> ran{0};
+  const auto slow = [&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ++ran;
+  };
+  d.add_step_closure(run_async, slow);
+  d.run_step_closures();
+  EXPECT_TRUE(d.flush_for(std::chrono::seconds::max()));
+  EXPECT_EQ(ran.load(), 1);
+  d.add_step_closure(run_async, slow);
+  d.run_step_closures();
+  EXPECT_TRUE(s.flush_for(std::chrono::hours::max()));
+  EXPECT_EQ(ran.load(), 2);
+  EXPECT_TRUE(d.flush_for(std::chrono::duration<double>(1e300)));
+  EXPECT_TRUE(d.flush_for(std::chrono::seconds(-1))) << "nothing left: done, whatever the timeout";
 }
 
 TEST_P(Scheduler, ManyThreadsAddToOneDeviceWhileItsStepsEnd) {

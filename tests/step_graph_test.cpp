@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -387,6 +389,30 @@ TEST_P(Joined, FailureIsReportedOnceAndDiscardsTheJoinedClosuresBehindIt) {
   a.run_step_closures();
   s.flush();
   EXPECT_EQ(later.load(), 1);
+}
+
+TEST_P(Joined, TakesTheStepAndMoveOnlyArgumentsLikeADevicesClosures) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<std::uint64_t> seen_step{0};
+  std::atomic<int> seen_value{0};
+  int by_reference = 0;
+  // Until the twelfth session the stored arguments were passed as lvalues only, so a callable
+  // taking a move-only argument by value did not compile (it does for add_step_closure).
+  s.add_joined_step_closure(
+      [&](std::uint64_t step, std::unique_ptr<int> p) {
+        seen_step = step;
+        seen_value = *p;
+      },
+      std::make_unique<int>(7));
+  s.add_joined_step_closure([](std::uint64_t, int& r) { r = 3; }, std::ref(by_reference));
+  a.run_step_closures();
+  s.flush();
+  EXPECT_EQ(seen_step.load(), 1u);
+  EXPECT_EQ(seen_value.load(), 7);
+  EXPECT_EQ(by_reference, 3);
 }
 
 TEST_P(Joined, NullCallableIsRejected) {

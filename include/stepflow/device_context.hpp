@@ -11,6 +11,7 @@
 #include "stepflow/closure.hpp"
 #include "stepflow/detail/bind.hpp"
 #include "stepflow/detail/closure_lane.hpp"
+#include "stepflow/detail/deadline.hpp"
 
 namespace stepflow {
 
@@ -86,8 +87,7 @@ class device_context {
   /// participating device has stopped stepping); true after a complete flush.
   template <class Rep, class Period>
   bool flush_for(const std::chrono::duration<Rep, Period>& timeout) {
-    return flush_until(std::chrono::steady_clock::now() +
-                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
+    return flush_until(detail::deadline_after(timeout));
   }
   /// `flush_for` with an absolute deadline.
   bool flush_until(std::chrono::steady_clock::time_point deadline);

@@ -36,7 +36,9 @@ struct run_time_stats {
 /// Counters (`added_*`, `ran_*`, ...) only grow; `waiting` and `pending` are the current values.
 struct device_metrics {
   std::string device;
-  std::uint64_t steps = 0;  ///< step ends (`run_step_closures` calls)
+  /// Completed step ends, as `device_context::step()`: a `run_step_closures` call that only
+  /// reported an asynchronous failure, or was refused, does not count.
+  std::uint64_t steps = 0;
   std::uint64_t added_sync = 0, added_async = 0, added_joined = 0;
   std::uint64_t ran_sync = 0, ran_async = 0, ran_joined = 0;  ///< started (returned or threw)
   std::uint64_t failed_sync = 0, failed_async = 0, failed_joined = 0;  ///< threw
@@ -55,7 +57,9 @@ struct device_metrics {
 
 /// Every device's metrics at one moment, and their total.
 struct metrics_snapshot {
-  std::vector<device_metrics> devices;  ///< sorted by device name
+  /// Sorted by device name, then a row named `joined` for the joined closures once any was
+  /// added (so a device should not be named "joined").
+  std::vector<device_metrics> devices;
   /// `device == "total"`. Counters, gauges, `blocked_ns`, `run_time.count`, `.sum_ns` and
   /// `.sampled` are sums; `queue_high_water` and `run_time.max_ns` are the maxima over the
   /// devices. `run_time.p50_ns`/`p99_ns` are percentiles of all devices' samples together,

@@ -83,7 +83,8 @@ struct options {
   /// is created when the scheduler is built, which throws `config_error` if it cannot be.
   std::string trace_path;
 
-  /// The trace keeps at most this many events (the most recent ones; the rest are counted).
+  /// The trace keeps at most this many events (the most recent ones; the rest are counted), up
+  /// to 2^32; a larger value gets a `config_error` when the scheduler is built.
   std::size_t trace_max_events = std::size_t{1} << 20;
 
   /// Measure the closures' run time for the metrics (`run_time_stats`: the exact count and sum,
@@ -114,13 +115,17 @@ namespace detail {
 /// Parses an `LTC_MAX_ASYNC_QUEUE` value: surrounding white space, an optional sign, decimal
 /// digits, within `std::int64_t`. Non-positive means unbounded (0). Throws `config_error`.
 std::size_t parse_max_queue_size(const char* variable, const std::string& value);
-/// Parses a `STEPFLOW_LINGER_US` value: surrounding white space, an optional `+`, decimal
+/// Parses a `STEPFLOW_LINGER_US` value: surrounding white space, an optional sign, decimal
 /// digits, from 0 to 1000000 (`max_worker_linger`). Throws `config_error`.
 std::chrono::microseconds parse_linger_us(const char* variable, const std::string& value);
 /// Throws `config_error` naming the option and its value unless `linger` is within
 /// [0, `max_worker_linger`].
 void check_worker_linger(std::chrono::microseconds linger);
 inline constexpr std::chrono::microseconds max_worker_linger = std::chrono::seconds(1);
+/// Throws `config_error` naming the option and its value when `events` exceeds
+/// `max_trace_events`, which keeps the trace's buffer sizes from overflowing.
+void check_trace_max_events(std::size_t events);
+inline constexpr std::size_t max_trace_events = std::size_t{1} << 32;
 /// Parses a boolean switch such as `STEPFLOW_SYNC`. Throws `config_error`.
 bool parse_switch(const char* variable, const std::string& value);
 }  // namespace detail

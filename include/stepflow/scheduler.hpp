@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "stepflow/detail/deadline.hpp"
 #include "stepflow/detail/joined_step.hpp"
 #include "stepflow/device_context.hpp"
 #include "stepflow/metrics.hpp"
@@ -54,8 +55,7 @@ class scheduler {
   /// `flush()` that gives up after `timeout`: false (nothing reported) when it did not finish.
   template <class Rep, class Period>
   bool flush_for(const std::chrono::duration<Rep, Period>& timeout) {
-    return flush_until(std::chrono::steady_clock::now() +
-                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
+    return flush_until(detail::deadline_after(timeout));
   }
   bool flush_until(std::chrono::steady_clock::time_point deadline);
 
@@ -66,12 +66,15 @@ class scheduler {
   /// joined closures of successive steps run in step order, one at a time. A failure follows the
   /// asynchronous rules: closures queued behind it are discarded, and the next step end (of any
   /// device) or flush reports it, once, as `async_closure_error` with `device() == "joined"`.
-  /// Same capture rules as `device_context::add_step_closure`. Thread-safe.
+  /// Same capture rules as `device_context::add_step_closure`. Whether `f` takes the step is
+  /// decided by whether it can be called as `f(step, args...)` (`step` a `std::uint64_t`): a
+  /// callable that accepts both forms, such as one with a defaulted last parameter, gets the
+  /// step. Thread-safe.
   template <class F, class... Args>
   void add_joined_step_closure(F&& f, Args&&... args) {
     using D = std::decay_t<F>;
     detail::check_not_null<D>(f);
-    if constexpr (std::is_invocable_v<D&, std::uint64_t, std::decay_t<Args>&...>) {
+    if constexpr (detail::takes_joined_step<D, Args...>) {
       push_joined(detail::make_closure(detail::with_joined_step<D>{std::forward<F>(f)},
                                        std::forward<Args>(args)...));
     } else {

@@ -11,7 +11,8 @@ namespace stepflow {
 
 /// The process-wide scheduler, created on first use with `options::from_env()` (so it may throw
 /// `config_error`). Destroyed at static destruction, which runs its shutdown report; calling this
-/// afterwards throws `stepflow::error`. Thread-safe.
+/// (or a free function below) from then on throws `stepflow::error`, including from an
+/// asynchronous closure that the destruction still runs. Thread-safe.
 scheduler& default_scheduler();
 
 /// The default scheduler's device `device`, or its default device for `{}`.

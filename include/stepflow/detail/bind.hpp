@@ -17,8 +17,13 @@ struct is_std_function : std::false_type {};
 template <class Sig>
 struct is_std_function<std::function<Sig>> : std::true_type {};
 
+template <class T>
+struct is_labeled : std::false_type {};
+template <class F>
+struct is_labeled<labeled_callable<F>> : std::true_type {};
+
 /// Rejects what would only fail later, on a worker thread: a null function or member pointer,
-/// an empty `std::function` or an empty `stepflow::closure`.
+/// an empty `std::function` or an empty `stepflow::closure`, also inside `stepflow::labeled`.
 template <class D>
 void check_not_null(const D& f) {
   if constexpr (std::is_pointer_v<D> || std::is_member_pointer_v<D>) {
@@ -29,6 +34,8 @@ void check_not_null(const D& f) {
   } else if constexpr (std::is_same_v<D, closure>) {
     if (!f)
       throw std::invalid_argument("stepflow: add_step_closure got an empty stepflow::closure");
+  } else if constexpr (is_labeled<D>::value) {
+    check_not_null(f.f);
   }
 }
 
