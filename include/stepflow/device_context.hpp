@@ -28,7 +28,9 @@ inline constexpr run_async_t run_async{};
 
 /// One device's closures. Owned by a `scheduler` (`scheduler::device(name)`); the reference stays
 /// valid until the scheduler is destroyed. Using it afterwards is undefined behaviour; debug
-/// builds (without `NDEBUG`) detect it and throw `stepflow::error`.
+/// builds (without `NDEBUG`) detect it in `add_step_closure` (the caller's build),
+/// `run_step_closures` and the flushes (the library's) and throw `stepflow::error`; `name`,
+/// `step` and `scheduler` are not checked.
 ///
 /// Every member is thread-safe. Which step a closure belongs to: the first `run_step_closures()`
 /// on this device that *starts* after the closure was added. Closures added while a step end is
