@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,11 @@ class scheduler_state {
     std::lock_guard lock(mutex_);
     auto it = devices_.find(name);
     if (it == devices_.end()) {
+      if (name == joined_device_name) {
+        throw std::invalid_argument(
+            "stepflow: the device name \"joined\" is reserved: it names the joined closures in "
+            "the metrics and in async_closure_error::device()");
+      }
       it = devices_
                .emplace(std::string(name),
                         std::make_unique<device_state>(owner_, std::string(name), options_, arena_,
@@ -214,6 +220,14 @@ class scheduler_state {
   static const options& checked(const options& opts) {
     check_worker_linger(opts.worker_linger);
     check_trace_max_events(opts.trace_max_events);
+    const auto reserved = [](const std::string& name) { return name == joined_device_name; };
+    if (reserved(opts.default_device) ||
+        std::any_of(opts.participants.begin(), opts.participants.end(), reserved)) {
+      throw config_error(fmt::format(
+          "options: the device name \"{}\" (in default_device or participants) is reserved for "
+          "the joined closures' metrics row and errors",
+          joined_device_name));
+    }
     return opts;
   }
 

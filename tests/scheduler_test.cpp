@@ -154,6 +154,19 @@ TEST_P(Scheduler, FlushReportsEveryDevicesFailureBeforeTheJoinedClosures) {
   EXPECT_NO_THROW(s.flush());
 }
 
+TEST_P(Scheduler, TheDeviceNameJoinedIsReservedForTheJoinedClosures) {
+  // Otherwise a device's failure and a joined closure's would both say device() == "joined".
+  scheduler s(quiet_options());
+  EXPECT_THROW(s.device("joined"), std::invalid_argument);
+  EXPECT_NO_THROW(s.device("joined2"));
+  options with_participant = quiet_options();
+  with_participant.participants = {"a", "joined"};
+  EXPECT_THROW(scheduler{with_participant}, config_error);
+  options with_default = quiet_options();
+  with_default.default_device = "joined";
+  EXPECT_THROW(scheduler{with_default}, config_error);
+}
+
 TEST_P(Scheduler, AQueueBoundTooLargeToAddToIsUnboundedInEffect) {
   // max_queue_size = -1, as torch's "negative means unbounded" suggests, is SIZE_MAX: room was
   // computed as started + bound, which wrapped around once a closure had started.

@@ -58,7 +58,7 @@ struct device_metrics {
 /// Every device's metrics at one moment, and their total.
 struct metrics_snapshot {
   /// Sorted by device name, then a row named `joined` for the joined closures once any was
-  /// added (so a device should not be named "joined").
+  /// added (a name no device may take).
   std::vector<device_metrics> devices;
   /// `device == "total"`. Counters, gauges, `blocked_ns`, `run_time.count`, `.sum_ns` and
   /// `.sampled` are sums; `queue_high_water` and `run_time.max_ns` are the maxima over the

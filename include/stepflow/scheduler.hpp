@@ -40,7 +40,8 @@ class scheduler {
   scheduler& operator=(const scheduler&) = delete;
 
   /// The device named `name`, created on first use. Thread-safe; the reference is stable until
-  /// the scheduler is destroyed.
+  /// the scheduler is destroyed. Throws `std::invalid_argument` for the name "joined", which
+  /// names the joined closures in the metrics and in `async_closure_error::device()`.
   device_context& device(std::string_view name);
 
   /// The device named `options::default_device`.
