@@ -34,8 +34,9 @@ struct closure_observer {
   std::atomic<std::uint32_t> until_sample{1};
   bool measure_run_time = false;    // options::measure_run_time
   trace_recorder* trace = nullptr;  // null: no trace
-  std::uint32_t track = 0;
-  std::string depth_counter;  // the trace's queue-depth counter name
+  std::uint32_t track = 0;          // sync closures (or joined ones) and the queue depth
+  std::uint32_t async_track = 0;    // async closures, which overlap the sync ones in time
+  std::string depth_counter;        // the trace's queue-depth counter name
 
   run_time_stats run_time() const noexcept {
     return histogram.stats(timed.load(std::memory_order_relaxed),
@@ -141,7 +142,11 @@ class observed_batch {
     const bool ok = call(c, error);
     const std::uint64_t took = trace_recorder::now_ns() - begin;
     if (sampled) observer_.histogram.record(took);
-    if (tracing_) observer_.trace->complete(observer_.track, kind_, c.label(), step_, begin, took);
+    if (tracing_) {
+      const std::uint32_t track =
+          kind_ == closure_kind::async ? observer_.async_track : observer_.track;
+      observer_.trace->complete(track, kind_, c.label(), step_, begin, took);
+    }
     return ok;
   }
 

@@ -26,7 +26,8 @@ device_state::device_state(stepflow::scheduler& owner, std::string name, const o
   observer_.measure_run_time = opts.measure_run_time;
   if (trace != nullptr) {
     observer_.trace = trace;
-    observer_.track = trace->track(name_);
+    observer_.track = trace->track(name_, trace_recorder::track_kind::sync);
+    observer_.async_track = trace->track(name_, trace_recorder::track_kind::async);
     observer_.depth_counter = "queue depth " + name_;
   }
   mark_alive(&context_);

@@ -24,7 +24,7 @@ step_graph::step_graph(tbb::task_arena& arena, step_ordering ordering, bool meas
   observer_.measure_run_time = measure_run_time;
   if (trace != nullptr) {
     observer_.trace = trace;
-    observer_.track = trace->track("joined");
+    observer_.track = trace->track("joined", trace_recorder::track_kind::joined);
   }
   // The graph is built inside stepflow's arena, so that its tasks run there, with an isolated
   // context, so that nothing outside (a user's graph or pipeline being cancelled) can cancel

@@ -222,13 +222,26 @@ std::uint64_t trace_recorder::now_ns() noexcept {
       std::chrono::duration_cast<std::chrono::nanoseconds>(t).count());
 }
 
-std::uint32_t trace_recorder::track(std::string_view device) {
+std::uint32_t trace_recorder::track(std::string_view device, track_kind kind) {
+  // Keyed by the kind, then the name: no device name can make another pair's key.
+  std::string key(1, static_cast<char>(kind));
+  key.append(device);
   const std::lock_guard lock(tracks_mutex_);
-  if (const auto it = track_ids_.find(device); it != track_ids_.end()) return it->second;
-  track_names_.emplace_back(device);
+  if (const auto it = track_ids_.find(key); it != track_ids_.end()) return it->second;
+  switch (kind) {
+    case track_kind::sync:
+      track_names_.push_back(fmt::format("device {}", device));
+      break;
+    case track_kind::async:
+      track_names_.push_back(fmt::format("device {} async", device));
+      break;
+    case track_kind::joined:
+      track_names_.emplace_back("joined closures");
+      break;
+  }
   const auto id = static_cast<std::uint32_t>(track_names_.size());
   try {
-    track_ids_.emplace(std::string(device), id);
+    track_ids_.emplace(std::move(key), id);
   } catch (...) {
     track_names_.pop_back();
     throw;
@@ -363,7 +376,7 @@ void trace_recorder::write() {
     const std::size_t tid = i + 1;
     out.append(std::string_view(",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":"));
     fmt::format_to(it, "{},\"args\":{{\"name\":", tid);
-    append_json_string(out, "device " + track_names[i]);
+    append_json_string(out, track_names[i]);
     fmt::format_to(it,
                    "}}}},\n{{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"pid\":1,\"tid\":{},"
                    "\"args\":{{\"sort_index\":{}}}}}",

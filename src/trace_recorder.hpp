@@ -67,11 +67,16 @@ class trace_recorder {
   trace_recorder(const trace_recorder&) = delete;
   trace_recorder& operator=(const trace_recorder&) = delete;
 
-  /// A stable track id (the events' "tid", 1, 2, ...) for `device`: the same id every time for
-  /// the same name. The first call for a name adds metadata naming the track "device <name>".
-  /// Thread-safe (takes a mutex: call it once per device, not per event). May throw
-  /// `std::bad_alloc`.
-  std::uint32_t track(std::string_view device);
+  /// What a track shows. A device has two: its asynchronous closures run while its step end
+  /// runs the synchronous ones, and complete events on one track must nest (Perfetto drops
+  /// overlapping ones), so each kind gets a track of its own.
+  enum class track_kind : char { sync, async, joined };
+
+  /// A stable track id (the events' "tid", 1, 2, ...) for `device`'s closures of `kind`: the
+  /// same id every time for the same pair. The first call for a pair adds metadata naming the
+  /// track "device <name>", "device <name> async" or "joined closures". Thread-safe (takes a
+  /// mutex: call it once per device, not per event). May throw `std::bad_alloc`.
+  std::uint32_t track(std::string_view device, track_kind kind = track_kind::sync);
 
   /// Records one closure as a complete event ("ph":"X"): name `label` (or the kind's name when
   /// `label` is null or empty), category and args.kind the kind, args.step `step`, on `track`,

@@ -13,10 +13,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -318,6 +320,66 @@ TEST_P(TraceWithRunTime, RecordsEveryClosureWithItsKindStepAndLabel) {
 
 INSTANTIATE_TEST_SUITE_P(Trace, TraceWithRunTime, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "Measured" : "NotMeasured"; });
+
+TEST(Trace, ADevicesSyncAndAsyncClosuresRunAtOnceGetTracksOfTheirOwnSoNoEventsOverlap) {
+  // A step's async closures run while its step end runs the sync ones. Complete events on one
+  // track must nest: Perfetto drops overlapping ones, so both kinds on one track lost events.
+  const std::string path = temp_path("stepflow-trace-overlap");
+  {
+    options o = quiet();
+    o.trace_path = path;
+    scheduler s(o);
+    device_context& d = s.device("gpu0");
+    std::atomic<bool> async_started{false};
+    for (int step = 0; step < 3; ++step) {
+      async_started = false;
+      d.add_step_closure(run_async, [&] {
+        async_started = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      });
+      // The sync closure waits until the async one runs, so the two overlap in every step.
+      d.add_step_closure([&] {
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (!async_started && std::chrono::steady_clock::now() < give_up) {
+          std::this_thread::yield();
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      });
+      d.run_step_closures();
+    }
+    s.flush();
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  const nlohmann::json trace = nlohmann::json::parse(in);
+  std::remove(path.c_str());
+  std::map<std::uint64_t, std::string> track_names;
+  std::map<std::uint64_t, std::vector<std::pair<double, double>>> spans;  // tid -> [ts, end)
+  std::map<std::string, std::set<std::uint64_t>> tids_by_kind;
+  for (const auto& e : trace.at("traceEvents")) {
+    if (e.at("ph") == "M" && e.at("name") == "thread_name") {
+      track_names[e.at("tid").get<std::uint64_t>()] = e.at("args").at("name").get<std::string>();
+    } else if (e.at("ph") == "X") {
+      const auto tid = e.at("tid").get<std::uint64_t>();
+      const double ts = e.at("ts").get<double>();
+      spans[tid].emplace_back(ts, ts + e.at("dur").get<double>());
+      tids_by_kind[e.at("cat").get<std::string>()].insert(tid);
+    }
+  }
+  ASSERT_EQ(tids_by_kind["sync"].size(), 1u);
+  ASSERT_EQ(tids_by_kind["async"].size(), 1u);
+  const std::uint64_t sync_tid = *tids_by_kind["sync"].begin();
+  const std::uint64_t async_tid = *tids_by_kind["async"].begin();
+  EXPECT_NE(sync_tid, async_tid);
+  EXPECT_EQ(track_names[sync_tid], "device gpu0");
+  EXPECT_EQ(track_names[async_tid], "device gpu0 async");
+  for (auto& [tid, list] : spans) {
+    std::sort(list.begin(), list.end());
+    for (std::size_t i = 1; i < list.size(); ++i) {
+      EXPECT_LE(list[i - 1].second, list[i].first) << "overlapping events on track " << tid;
+    }
+  }
+}
 
 TEST(Trace, AnUnwritablePathFailsTheConstruction) {
   options o = quiet();

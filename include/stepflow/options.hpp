@@ -77,10 +77,12 @@ struct options {
   bool low_priority = false;
 
   /// Record a timeline of every closure (Chrome trace-event JSON, for Perfetto or
-  /// chrome://tracing) into this file: one track per device, closures as complete events with
-  /// their step, kind and label, and a queue-depth counter per device. Written by
-  /// `scheduler::flush()`, `scheduler::write_trace()` and at destruction. Empty: no trace. The file
-  /// is created when the scheduler is built, which throws `config_error` if it cannot be.
+  /// chrome://tracing) into this file: per device a track of its sync closures and one of its
+  /// async closures (which overlap the sync ones in time), one of the joined closures, closures
+  /// as complete events with their step, kind and label, and a queue-depth counter per device.
+  /// Written by `scheduler::flush()`, `scheduler::write_trace()` and at destruction. Empty: no
+  /// trace. The file is created when the scheduler is built, which throws `config_error` if it
+  /// cannot be.
   std::string trace_path;
 
   /// The trace keeps at most this many events (the most recent ones; the rest are counted), up
