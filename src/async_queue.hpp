@@ -88,13 +88,6 @@ class async_queue {
     wait_admitted_slow(ticket);
   }
 
-  /// Whether the closures reserved up to `ticket` fit beside `started` started ones: `started +
-  /// capacity >= ticket`, written so that a capacity near `SIZE_MAX` (`max_queue_size = -1`)
-  /// cannot wrap around and wait forever; such a bound is unbounded in effect.
-  bool fits(std::uint64_t started, std::uint64_t ticket) const noexcept {
-    return capacity_ == 0 || ticket <= started || ticket - started <= capacity_;
-  }
-
   /// Blocks until every closure handed over before the call ran or was discarded, running
   /// closures itself when nobody drains. Precondition: not inside an asynchronous closure.
   void wait_for_handed_over();
@@ -140,6 +133,13 @@ class async_queue {
   void shutdown() noexcept;
 
  private:
+  /// Whether the closures reserved up to `ticket` fit beside `started` started ones: `started +
+  /// capacity >= ticket`, written so that a capacity near `SIZE_MAX` (`max_queue_size = -1`)
+  /// cannot wrap around and wait forever; such a bound is unbounded in effect.
+  bool fits(std::uint64_t started, std::uint64_t ticket) const noexcept {
+    return capacity_ == 0 || ticket <= started || ticket - started <= capacity_;
+  }
+
   using lock_type = std::unique_lock<adaptive_mutex>;
 
   struct queued_batch {

@@ -9,20 +9,6 @@ namespace stepflow::detail {
 namespace {
 // The most chunks (8 KiB each) a lane adds beyond the one it needs when it grows.
 constexpr std::size_t max_headroom_chunks = 64;
-
-constexpr std::uint64_t offset_mask = (std::uint64_t{1} << 14) - 1;
-constexpr std::uint64_t sequence_mask = (std::uint64_t{1} << 20) - 1;
-constexpr std::uint32_t count_mask = (std::uint32_t{1} << 30) - 1;
-
-std::uint32_t offset_of(std::uint64_t word) noexcept {
-  return static_cast<std::uint32_t>(word & offset_mask);
-}
-std::uint32_t sequence_of(std::uint64_t word) noexcept {
-  return static_cast<std::uint32_t>((word >> 14) & sequence_mask);
-}
-std::uint32_t count_of(std::uint64_t word) noexcept {
-  return static_cast<std::uint32_t>(word >> 34);
-}
 }  // namespace
 
 void closure_lane_tail::push(closure&& c) {

@@ -39,7 +39,7 @@ class closure_lane_tail {
     // The published word is also the owner's record of where it is: adding a record is one
     // load and one store of it besides the record's own stores.
     const std::uint64_t word = published_.load(std::memory_order_relaxed);
-    const std::size_t offset = static_cast<std::size_t>(word & offset_mask);
+    const std::size_t offset = offset_of(word);
     if (owner_.load(std::memory_order_relaxed) == this_thread_id() &&
         offset <= chunk_record_bytes - size) [[likely]] {
       unsigned char* const at = chunk_records_ + offset;
@@ -71,7 +71,19 @@ class closure_lane_tail {
   static constexpr unsigned count_shift = offset_bits + sequence_bits;
   static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
   static constexpr std::uint64_t offset_mask = (std::uint64_t{1} << offset_bits) - 1;
+  static constexpr std::uint64_t sequence_mask = (std::uint64_t{1} << sequence_bits) - 1;
+  static constexpr std::uint32_t count_mask = (std::uint32_t{1} << (64 - count_shift)) - 1;
   static_assert(chunk_record_bytes < (std::size_t{1} << offset_bits), "offsets must fit");
+
+  static constexpr std::uint32_t offset_of(std::uint64_t word) noexcept {
+    return static_cast<std::uint32_t>(word & offset_mask);
+  }
+  static constexpr std::uint32_t sequence_of(std::uint64_t word) noexcept {
+    return static_cast<std::uint32_t>((word >> offset_bits) & sequence_mask);
+  }
+  static constexpr std::uint32_t count_of(std::uint64_t word) noexcept {
+    return static_cast<std::uint32_t>(word >> count_shift);
+  }
 
   std::atomic<std::uint64_t> owner_{0};  // this_thread_id() of the owner, 0 until claimed
   // Written by the owner only. Aligned so the step end's fields do not share its line.
