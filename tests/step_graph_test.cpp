@@ -466,6 +466,54 @@ TEST_P(FlowAdapters, AUserGraphQueuesClosuresAndEndsStepsWithAFullQueue) {
   EXPECT_EQ(gpu.step(), 200u);
 }
 
+TEST_P(FlowAdapters, AClosureNodeCallsOneMoveOnlyFunctionThatKeepsItsStateAcrossMessages) {
+  testing::watchdog dog(std::chrono::seconds(60), "flow closure_node state");
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& gpu = s.device("gpu");
+  // Move-only, and counts its own calls: a copy per message would start every count at 0.
+  struct running_sum {
+    std::unique_ptr<int> calls = std::make_unique<int>(0);
+    std::vector<int>* seen;
+    void operator()(const int& i) { seen->push_back(i * 1000 + ++*calls); }
+  };
+  for (const auto mode : {flow::closure_mode::async, flow::closure_mode::sync}) {
+    std::vector<int> seen;  // one device's closures of one kind: one at a time
+    tbb::flow::graph g;
+    auto queue = flow::closure_node<int>(g, gpu, running_sum{.seen = &seen}, mode);
+    auto step = flow::step_end_node<int>(g, gpu);
+    tbb::flow::make_edge(queue, step);
+    testing::before_tbb_algorithm();
+    for (int i = 0; i < 50; ++i) queue.try_put(i);
+    g.wait_for_all();
+    testing::after_tbb_algorithm();
+    gpu.flush();
+    ASSERT_EQ(seen.size(), 50u);
+    for (int i = 0; i < 50; ++i) EXPECT_EQ(seen[static_cast<std::size_t>(i)], i * 1000 + i + 1);
+  }
+}
+
+TEST_P(FlowAdapters, AClosureNodeRefusesANullFunctionWhenBuilt) {
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& gpu = s.device("gpu");
+  tbb::flow::graph g;
+  void (*null_function)(const int&) = nullptr;
+  EXPECT_THROW(flow::closure_node<int>(g, gpu, null_function), std::invalid_argument);
+  EXPECT_THROW(flow::closure_node<int>(g, gpu, std::function<void(const int&)>{}),
+               std::invalid_argument);
+  EXPECT_THROW(flow::closure_node<int>(g, gpu, labeled("log", null_function)),
+               std::invalid_argument);
+  try {
+    flow::closure_node<int>(g, gpu, null_function);
+  } catch (const std::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "stepflow: flow::closure_node got a null function pointer");
+  }
+  EXPECT_EQ(gpu.step(), 0u);
+}
+
 TEST_P(FlowAdapters, ACancelledUserGraphLeavesQueuedClosuresRunning) {
   options o;
   o.report_to_stderr = false;

@@ -16,11 +16,29 @@
 #include <oneapi/tbb/flow_graph.h>
 
 #include <cstddef>
+#include <memory>
 #include <type_traits>
 #include <utility>
 
+#include "stepflow/detail/bind.hpp"
 #include "stepflow/detail/tsan.hpp"
 #include "stepflow/device_context.hpp"
+
+namespace stepflow::detail {
+
+/// One message's closure of a `closure_node`: the node's shared `f` and a copy of the message.
+/// Keeps the label of a `stepflow::labeled` `f` for the trace.
+template <class F, class T>
+struct shared_call {
+  std::shared_ptr<F> f;
+  T message;
+
+  void operator()() { (*f)(std::as_const(message)); }
+  const char* stepflow_label() const noexcept requires requires(const F& g) { g.stepflow_label(); }
+  { return f->stepflow_label(); }
+};
+
+}  // namespace stepflow::detail
 
 namespace stepflow::flow {
 
@@ -41,23 +59,33 @@ tbb::flow::function_node<T, T> step_end_node(tbb::flow::graph& g, device_context
 
 /// A node that queues `f(message)` on `device` for every message (a copy of the message is
 /// captured), then forwards the message. Asynchronous closures by default.
+///
+/// `f` is moved into the node once and shared by the closures of every message, not copied per
+/// message: it may be move-only and may keep state from message to message, like a node body.
+/// Its calls never overlap, since one device's closures of one kind run one at a time; it is
+/// destroyed after the node and the last closure that calls it. A null `f` (function pointer,
+/// empty `std::function` or `stepflow::closure`) gets `std::invalid_argument` here, not at the
+/// first message.
 template <class T, class F>
 tbb::flow::function_node<T, T> closure_node(tbb::flow::graph& g, device_context& device, F f,
                                             closure_mode mode = closure_mode::async,
                                             std::size_t concurrency = tbb::flow::serial) {
   static_assert(std::is_invocable_v<F&, const T&>,
                 "stepflow::flow::closure_node: f must be callable with const T&");
-  return tbb::flow::function_node<T, T>(g, concurrency,
-                                        [&device, f = std::move(f), mode](const T& message) {
-                                          // ThreadSanitizer only: see detail/tsan.hpp
-                                          detail::tsan_body_scope handoff;
-                                          if (mode == closure_mode::async) {
-                                            device.add_step_closure(run_async, f, message);
-                                          } else {
-                                            device.add_step_closure(f, message);
-                                          }
-                                          return message;
-                                        });
+  static_assert(std::is_copy_constructible_v<T>,
+                "stepflow::flow::closure_node: each closure keeps a copy of the message");
+  detail::check_not_null(f, "flow::closure_node");
+  // Shared, so that a node body copied by oneTBB and every queued closure call the one `f`.
+  return tbb::flow::function_node<T, T>(
+      g, concurrency, [&device, f = std::make_shared<F>(std::move(f)), mode](const T& message) {
+        detail::tsan_body_scope handoff;  // ThreadSanitizer only: see detail/tsan.hpp
+        if (mode == closure_mode::async) {
+          device.add_step_closure(run_async, detail::shared_call<F, T>{f, message});
+        } else {
+          device.add_step_closure(detail::shared_call<F, T>{f, message});
+        }
+        return message;
+      });
 }
 
 }  // namespace stepflow::flow

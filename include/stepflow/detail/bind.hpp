@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -24,18 +25,20 @@ struct is_labeled<labeled_callable<F>> : std::true_type {};
 
 /// Rejects what would only fail later, on a worker thread: a null function or member pointer,
 /// an empty `std::function` or an empty `stepflow::closure`, also inside `stepflow::labeled`.
+/// `who` names the call in the message ("stepflow: <who> got ...").
 template <class D>
-void check_not_null(const D& f) {
+void check_not_null(const D& f, const char* who = "add_step_closure") {
+  const auto refuse = [who](const char* what) {
+    throw std::invalid_argument(std::string("stepflow: ") + who + " got " + what);
+  };
   if constexpr (std::is_pointer_v<D> || std::is_member_pointer_v<D>) {
-    if (f == nullptr)
-      throw std::invalid_argument("stepflow: add_step_closure got a null function pointer");
+    if (f == nullptr) refuse("a null function pointer");
   } else if constexpr (is_std_function<D>::value) {
-    if (!f) throw std::invalid_argument("stepflow: add_step_closure got an empty std::function");
+    if (!f) refuse("an empty std::function");
   } else if constexpr (std::is_same_v<D, closure>) {
-    if (!f)
-      throw std::invalid_argument("stepflow: add_step_closure got an empty stepflow::closure");
+    if (!f) refuse("an empty stepflow::closure");
   } else if constexpr (is_labeled<D>::value) {
-    check_not_null(f.f);
+    check_not_null(f.f, who);
   }
 }
 
