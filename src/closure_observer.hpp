@@ -3,7 +3,7 @@
 //
 // Why this shape: run time may be measured in production, so the hot path may only pay a few
 // ns per closure for it. The run time of a whole batch is measured with two clock reads (exact
-// count and sum), and one closure in `run_time_sample_every` is timed on its own for the
+// count and sum), and about one closure in `run_time_sample_every` is timed on its own for the
 // distribution (p50, p99, max). Even that is done only with `options::measure_run_time` (off by
 // default): a clock read costs 20-40 ns on a VM, more than 10% of a step end with few closures,
 // and the countdown ~1 ns per closure (docs/benchmarks.md, "Metrics overhead"). A trace, when
@@ -125,23 +125,27 @@ class observed_batch {
   }
 
   /// Calls `c`, timed alone when sampling and `until_sample` counts down to zero (then
-  /// restarted), or when tracing.
+  /// restarted with `next_sample_gap`), or when tracing.
   template <bool Tracing, bool Sampling>
   bool run_counted(closure_ref c, std::exception_ptr& error, std::uint32_t& until_sample) noexcept {
     bool sampled = false;
     if constexpr (Sampling) sampled = --until_sample == 0;
     if (!sampled && !Tracing) [[likely]]
       return call(c, error);
-    if (sampled) until_sample = run_time_sample_every;
-    return run_timed(c, error, sampled);
+    return run_timed(c, error, sampled ? &until_sample : nullptr);
   }
 
+  /// `restart_sample_count`: null, or the countdown to restart because `c` is a sample.
   [[gnu::noinline]] bool run_timed(closure_ref c, std::exception_ptr& error,
-                                   bool sampled) noexcept {
+                                   std::uint32_t* restart_sample_count) noexcept {
     const std::uint64_t begin = trace_recorder::now_ns();
     const bool ok = call(c, error);
-    const std::uint64_t took = trace_recorder::now_ns() - begin;
-    if (sampled) observer_.histogram.record(took);
+    const std::uint64_t end = trace_recorder::now_ns();
+    const std::uint64_t took = end - begin;
+    if (restart_sample_count != nullptr) {
+      observer_.histogram.record(took);
+      *restart_sample_count = next_sample_gap(end);
+    }
     if (tracing_) {
       const std::uint32_t track =
           kind_ == closure_kind::async ? observer_.async_track : observer_.track;

@@ -3,7 +3,7 @@
 //
 // Why a sample: reading the clock costs 20-35 ns (two reads per closure would double the cost
 // of a small closure), so a step's closures are timed as a batch (count and sum are exact) and
-// only one closure in `run_time_sample_every` is timed on its own for the distribution.
+// only about one closure in `run_time_sample_every` is timed on its own for the distribution.
 //
 // Why log-scale buckets of atomics: recording is one relaxed `fetch_add` and, rarely, a CAS for
 // the maximum; no lock, no allocation, fixed memory (about 1 KiB per histogram), and histograms
@@ -21,10 +21,20 @@
 
 namespace stepflow::detail {
 
-/// One closure in 256 is timed individually for the distribution; count and sum come from batch
-/// timing. The count runs across batches (`closure_observer::until_sample`), so a device whose
-/// steps have one closure each is not timed at every step.
+/// One closure in 256, on average, is timed individually for the distribution; count and sum come
+/// from batch timing. The count runs across batches (`closure_observer::until_sample`), so a
+/// device whose steps have one closure each is not timed at every step.
 inline constexpr std::uint32_t run_time_sample_every = 256;
+
+/// The closures from one sample to the next, given the clock (`now_ns()`) when the first ended:
+/// 128 to 383, 256 on average. Why not always 256: with steps of k closures where k divides 256,
+/// every sample would be the same closure of its step (the first of every 4, say), so p50 and
+/// p99 would describe that one closure. The clock's low bits, hashed, vary enough for this and
+/// cost nothing.
+constexpr std::uint32_t next_sample_gap(std::uint64_t clock_ns) noexcept {
+  return run_time_sample_every / 2 +
+         static_cast<std::uint32_t>((clock_ns * 0x9E3779B97F4A7C15ull) >> 56);
+}
 
 /// A histogram of durations in nanoseconds: 4 buckets per power of two (each at most 25% wide
 /// relative to its lower bound), exact below 8 ns, covering 0 ns to 2^36 ns (about 68.7 s), and one

@@ -1,5 +1,6 @@
 // Metrics snapshots and the timeline trace, wired into a real scheduler.
 
+#include <stepflow/flow.hpp>
 #include <stepflow/fmt.hpp>
 #include <stepflow/stepflow.hpp>
 
@@ -24,6 +25,7 @@
 #include <unistd.h>
 
 #include "support/test_options.hpp"
+#include "support/tsan_handoff.hpp"
 
 namespace stepflow {
 namespace {
@@ -97,7 +99,7 @@ TEST(Metrics, CountEveryOutcomeOfEveryKind) {
 
 // One closure in 256 is timed alone, counted across batches: a device whose steps each have one
 // closure is not timed at every step (it was, when the count restarted with every batch).
-TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
+TEST(Metrics, AboutOneClosureIn256IsSampledAcrossSteps) {
   scheduler s(measuring_run_time());
   device_context& d = s.device("d");
   std::uint64_t calls = 0;
@@ -109,8 +111,33 @@ TEST(Metrics, OneClosureIn256IsSampledAcrossSteps) {
   const device_metrics& m = row(snapshot, "d");
   EXPECT_EQ(calls, 1000u);
   EXPECT_EQ(m.run_time.count, 1000u);
-  // Closures 1, 257, 513 and 769: only the step-ending thread runs this device's batches.
-  EXPECT_EQ(m.run_time.sampled, 4u);
+  // The first closure, then one after every gap of 128 to 383 closures, counted across steps
+  // (only the step-ending thread runs this device's batches): 1 + 999 / 383 to 1 + 999 / 128.
+  EXPECT_GE(m.run_time.sampled, 3u);
+  EXPECT_LE(m.run_time.sampled, 8u);
+}
+
+// With steps of 64 closures, a gap of exactly 256 would time only the first closure of a step.
+// Here that closure is the slow one, so p50 would be the slow closure's time.
+TEST(Metrics, SamplesAreNotAlwaysTheSameClosureOfAStep) {
+  scheduler s(measuring_run_time());
+  device_context& d = s.device("d");
+  constexpr auto slow = std::chrono::microseconds(100);
+  for (int step = 0; step < 256; ++step) {
+    d.add_step_closure([slow] {
+      const auto until = std::chrono::steady_clock::now() + slow;
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    });
+    for (int i = 1; i < 64; ++i) d.add_step_closure([] {});
+    d.run_step_closures();
+  }
+  const run_time_stats t = row(s.metrics(), "d").run_time;
+  EXPECT_EQ(t.count, 256u * 64u);
+  ASSERT_GE(t.sampled, 32u);  // 16,384 closures at gaps of at most 383
+  // About 1 sample in 64 is a slow closure; the median is an empty one, far below 100 us.
+  EXPECT_LT(t.p50_ns, 100'000u) << "samples: " << t.sampled << ", max " << t.max_ns;
+  EXPECT_GE(t.max_ns, 100'000u);  // and the first closure ever, a slow one, is sampled
 }
 
 // Sync closures count as run whichever thread ends their step: the one that added them or
@@ -379,6 +406,34 @@ TEST(Trace, ADevicesSyncAndAsyncClosuresRunAtOnceGetTracksOfTheirOwnSoNoEventsOv
       EXPECT_LE(list[i - 1].second, list[i].first) << "overlapping events on track " << tid;
     }
   }
+}
+
+TEST(Trace, AClosureNodeKeepsTheLabelOfItsFunction) {
+  const std::string path = temp_path("stepflow-trace-flow");
+  {
+    options o = quiet();
+    o.trace_path = path;
+    scheduler s(o);
+    device_context& d = s.device("gpu0");
+    tbb::flow::graph g;
+    auto log = flow::closure_node<int>(g, d, labeled("log_batch", [](const int&) {}));
+    auto end = flow::step_end_node<int>(g, d);
+    tbb::flow::make_edge(log, end);
+    testing::before_tbb_algorithm();
+    for (int i = 0; i < 3; ++i) log.try_put(i);
+    g.wait_for_all();
+    testing::after_tbb_algorithm();
+    s.flush();
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  const nlohmann::json trace = nlohmann::json::parse(in);
+  std::remove(path.c_str());
+  int labeled_events = 0;
+  for (const auto& e : trace.at("traceEvents")) {
+    if (e.at("ph") == "X" && e.at("name") == "log_batch") ++labeled_events;
+  }
+  EXPECT_EQ(labeled_events, 3);
 }
 
 TEST(Trace, AnUnwritablePathFailsTheConstruction) {

@@ -90,7 +90,7 @@ struct options {
   std::size_t trace_max_events = std::size_t{1} << 20;
 
   /// Measure the closures' run time for the metrics (`run_time_stats`: the exact count and sum,
-  /// from two clock reads per batch, and p50/p99/max from one closure in 256 timed alone). Off
+  /// from two clock reads per batch, and p50/p99/max from about one closure in 256, at varied gaps, timed alone). Off
   /// by default because it costs more than 10% of a step of a few small closures, sync or
   /// lockstep (docs/benchmarks.md, "Metrics overhead"); metrics stay on only below that. Off,
   /// every `run_time_stats` is zero and `metrics_snapshot::run_time_measured` is false; the
