@@ -57,6 +57,12 @@ class scheduler_state {
     // Declared participants exist from the start and are the only ones.
     for (const std::string& name : options_.participants) device(name);
     if (!options_.participants.empty()) graph_.freeze();
+    if (trace_ && trace_->path() != opts.trace_path && opts.report_to_stderr) {
+      fmt::print(stderr,
+                 "stepflow: another scheduler of this process writes the trace file '{}'; this "
+                 "one's trace goes to '{}'\n",
+                 opts.trace_path, trace_->path());
+    }
   }
 
   device_state& device(std::string_view name) {
@@ -153,6 +159,10 @@ class scheduler_state {
   void write_trace() {
     if (trace_) trace_->write();
   }
+  void write_final_trace() {
+    if (trace_) trace_->write_final();
+  }
+  std::string trace_path() const { return trace_ ? trace_->path() : std::string(); }
 
   bool retire(std::string_view name) {
     device_state* d = nullptr;
@@ -256,7 +266,7 @@ scheduler::scheduler(const stepflow::options& opts)
 scheduler::~scheduler() {
   const shutdown_report report = state_->shutdown();
   try {
-    state_->write_trace();
+    state_->write_final_trace();
   } catch (const std::exception& e) {
     if (state_->opts().report_to_stderr) {
       try {
@@ -300,6 +310,8 @@ bool scheduler::retire(std::string_view name) { return state_->retire(name); }
 metrics_snapshot scheduler::metrics() const { return state_->metrics(); }
 
 void scheduler::write_trace() { state_->write_trace(); }
+
+std::string scheduler::trace_path() const { return state_->trace_path(); }
 
 const stepflow::options& scheduler::options() const noexcept { return state_->opts(); }
 

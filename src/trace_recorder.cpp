@@ -1,22 +1,16 @@
 #include "trace_recorder.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <new>
-#include <system_error>
 #include <thread>
 #include <utility>
 
 #include <fmt/format.h>
 
-#include "stepflow/errors.hpp"
 #include "stepflow/version.hpp"
+#include "trace_file.hpp"
 
 namespace stepflow::detail {
 
@@ -41,12 +35,6 @@ constexpr std::size_t write_batch = 1024;
 
 // Bytes of JSON buffered before they go to the file.
 constexpr std::size_t flush_bytes = std::size_t{1} << 20;
-
-// The one place the recorder reports a file problem.
-[[noreturn]] void throw_file_error(const std::string& path, const char* doing, int err) {
-  throw config_error(
-      fmt::format("trace file '{}' {}: {}", path, doing, std::generic_category().message(err)));
-}
 
 // Appends `s` as a JSON string (with quotes). Escapes '"', '\\' and control characters; copies
 // valid UTF-8 as is and replaces each byte of an invalid sequence with U+FFFD, so the output is
@@ -164,53 +152,9 @@ struct trace_recorder::event {
   char label[max_label_bytes];  // not NUL-terminated; label_size bytes
 };
 
-// The open trace file. Regular files are rewritten in place (pwrite from offset 0, then
-// ftruncate to the new length); anything else (a pipe, /dev/stdout) just gets the bytes.
-class trace_recorder::file {
- public:
-  explicit file(const std::string& path) : path_(path) {
-    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    if (fd_ < 0) throw_file_error(path_, "cannot be opened for writing", errno);
-    struct stat st {};
-    regular_ = ::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode);
-  }
-  ~file() { ::close(fd_); }
-  file(const file&) = delete;
-  file& operator=(const file&) = delete;
-
-  void begin() { offset_ = 0; }
-
-  void append(const char* data, std::size_t size) {
-    while (size != 0) {
-      const ssize_t n = regular_ ? ::pwrite(fd_, data, size, static_cast<off_t>(offset_))
-                                 : ::write(fd_, data, size);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        throw_file_error(path_, "cannot be written", errno);
-      }
-      data += n;
-      size -= static_cast<std::size_t>(n);
-      offset_ += static_cast<std::size_t>(n);
-    }
-  }
-
-  void end() {
-    if (regular_ && ::ftruncate(fd_, static_cast<off_t>(offset_)) != 0) {
-      throw_file_error(path_, "cannot be written", errno);
-    }
-  }
-
- private:
-  const std::string& path_;
-  int fd_ = -1;
-  bool regular_ = false;
-  std::size_t offset_ = 0;
-};
-
 trace_recorder::trace_recorder(std::string path, std::size_t max_events)
-    : path_(std::move(path)), capacity_(max_events), origin_ns_(now_ns()) {
+    : capacity_(max_events), origin_ns_(now_ns()), file_(std::make_unique<trace_file>(path)) {
   chunks_.reserve((capacity_ + chunk_events - 1) / chunk_events);
-  file_ = std::make_unique<file>(path_);
   write();
 }
 
@@ -335,16 +279,33 @@ std::uint64_t trace_recorder::dropped() const noexcept {
   return (recorded_ > capacity_ ? recorded_ - capacity_ : 0) + failed_;
 }
 
-void trace_recorder::write() {
-  const std::lock_guard write_lock(write_mutex_);
+const std::string& trace_recorder::path() const noexcept { return file_->path(); }
 
+void trace_recorder::write() {
+  if (file_->is_stream()) return;
+  const std::lock_guard write_lock(write_mutex_);
+  write_version();
+}
+
+void trace_recorder::write_final() {
+  const std::lock_guard write_lock(write_mutex_);
+  if (file_->is_stream()) {
+    if (stream_written_) return;
+    stream_written_ = true;  // even if writing fails: a second try would add a second document
+  }
+  write_version();
+}
+
+void trace_recorder::write_version() {
   // The events to write: those recorded before this point (sequence numbers [first, end)).
   std::uint64_t end = 0;
   std::uint64_t first = 0;
+  std::uint64_t failed = 0;
   {
     const std::lock_guard lock(lock_);
     end = recorded_;
     first = end - std::min<std::uint64_t>(end, capacity_);
+    failed = failed_;
   }
   // Every event before `end` has its counter name interned already; tracks may be newer.
   std::vector<std::string> counter_names;
@@ -357,10 +318,27 @@ void trace_recorder::write() {
     const std::lock_guard lock(tracks_mutex_);
     track_names = track_names_;
   }
+  // A full ring is a file of 100 MiB or more: not rewritten when nothing changed (a flush
+  // after a quiet period, a scheduler with no devices). Counter names come with their events.
+  const written_state now{end, failed, track_names.size()};
+  if (written_ && *written_ == now) return;
 
+  file_->begin();
+  try {
+    write_events(first, end, failed, track_names, counter_names);
+    file_->commit();
+  } catch (...) {
+    file_->abandon();
+    throw;
+  }
+  written_ = now;
+}
+
+void trace_recorder::write_events(std::uint64_t first, std::uint64_t end, std::uint64_t failed,
+                                  const std::vector<std::string>& track_names,
+                                  const std::vector<std::string>& counter_names) {
   fmt::memory_buffer out;
   const fmt::appender it(out);
-  file_->begin();
   const auto flush = [&](bool force) {
     if (force || out.size() >= flush_bytes) {
       file_->append(out.data(), out.size());
@@ -447,17 +425,11 @@ void trace_recorder::write() {
     flush(false);
   }
 
-  std::uint64_t failed = 0;
-  {
-    const std::lock_guard lock(lock_);
-    failed = failed_;
-  }
   fmt::format_to(it,
                  "\n],\"otherData\":{{\"producer\":\"stepflow {}\",\"max_events\":{},"
                  "\"dropped_events\":{}}}}}\n",
                  version_string, capacity_, end - written + failed);
   flush(true);
-  file_->end();
 }
 
 }  // namespace stepflow::detail

@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,6 +32,8 @@
 #include "stepflow/metrics.hpp"
 
 namespace stepflow::detail {
+
+class trace_file;
 
 /// A tiny test-and-test-and-set lock for critical sections of a few nanoseconds. Spins with a
 /// pause instruction, then yields the CPU to a preempted holder. Not fair, not recursive.
@@ -54,15 +57,16 @@ class trace_recorder {
   /// Counter names kept at most; a counter event with a further new name is dropped.
   static constexpr std::size_t max_counter_names = 4096;
 
-  /// Opens `path` now (creating or truncating it) and writes an empty but valid trace into it, so
-  /// the file is valid JSON even if `write()` is never called. Keeps the file open until
-  /// destruction, so later writes go to the same file even if the working directory changes.
+  /// Claims `path` for this recorder (a numbered sibling when another recorder of this process
+  /// has it: `path()`; see trace_file.hpp) and writes an empty but valid trace there, so the
+  /// file is valid JSON even if `write()` is never called; a stream (pipe, /dev/stdout) is only
+  /// opened. The path is resolved now, so a later change of working directory does not move it.
   /// `max_events` bounds the events kept (the most recent); 0 keeps none.
   /// Throws `config_error` naming `path` and the system's reason (e.g. "No such file or
   /// directory" for a missing directory) when the file cannot be created or written.
   explicit trace_recorder(std::string path, std::size_t max_events = std::size_t{1} << 20);
 
-  /// Closes the file without writing: call `write()` first to keep the events.
+  /// Releases the file without writing: call `write_final()` first to keep the events.
   ~trace_recorder();
   trace_recorder(const trace_recorder&) = delete;
   trace_recorder& operator=(const trace_recorder&) = delete;
@@ -95,12 +99,21 @@ class trace_recorder {
   void counter(std::uint32_t track, std::string_view name, std::uint64_t value,
                std::uint64_t ts_ns) noexcept;
 
-  /// Rewrites the whole file with the track metadata and the events kept so far, as one valid
-  /// JSON object; "otherData" holds the producer, `max_events` and the number of events recorded
-  /// before this write but not in the file ("dropped_events"). Thread-safe: concurrent writes are
-  /// serialised, and recording goes on meanwhile. Blocks for the file I/O.
+  /// Replaces the file with the track metadata and the events kept so far, as one valid JSON
+  /// object; "otherData" holds the producer, `max_events` and the number of events recorded
+  /// before this write but not in the file ("dropped_events"). The new version is written next
+  /// to the file and renamed over it, so readers never see a partial trace. Does nothing when
+  /// nothing was recorded since the last write, and nothing for a stream, which gets one
+  /// document only, from `write_final()`. Thread-safe: concurrent writes are serialised, and
+  /// recording goes on meanwhile. Blocks for the file I/O.
   /// Throws `config_error` naming the path and the system's reason if writing fails.
   void write();
+
+  /// `write()`, and for a stream its one document (later calls do nothing). For the end.
+  void write_final();
+
+  /// The file written: the path given, or the numbered sibling claimed instead.
+  const std::string& path() const noexcept;
 
   /// Events not kept: overwritten because the ring was full, or not recorded for lack of memory
   /// or of room for a counter name. Thread-safe.
@@ -112,11 +125,20 @@ class trace_recorder {
 
  private:
   struct event;
-  class file;
+  // What a write put in the file, to skip a write that would change nothing.
+  struct written_state {
+    std::uint64_t recorded;
+    std::uint64_t failed;
+    std::size_t tracks;
+    bool operator==(const written_state&) const = default;
+  };
 
   void record(const event& e) noexcept;
+  void write_version();  // under write_mutex_
+  void write_events(std::uint64_t first, std::uint64_t end, std::uint64_t failed,
+                    const std::vector<std::string>& track_names,
+                    const std::vector<std::string>& counter_names);
 
-  const std::string path_;
   const std::size_t capacity_;
   const std::uint64_t origin_ns_;
 
@@ -134,8 +156,10 @@ class trace_recorder {
   std::map<std::string, std::uint32_t, std::less<>> counter_ids_;  // guarded by names_mutex_
   std::vector<std::string> counter_names_;                         // guarded by names_mutex_
 
-  std::mutex write_mutex_;      // serialises write(); held for the whole file I/O
-  std::unique_ptr<file> file_;  // used under write_mutex_ (and by the constructor)
+  std::mutex write_mutex_;                // serialises writes; held for the whole file I/O
+  std::unique_ptr<trace_file> file_;      // written under write_mutex_
+  std::optional<written_state> written_;  // guarded by write_mutex_
+  bool stream_written_ = false;           // guarded by write_mutex_
 };
 
 }  // namespace stepflow::detail

@@ -436,6 +436,37 @@ TEST(Trace, AClosureNodeKeepsTheLabelOfItsFunction) {
   EXPECT_EQ(labeled_events, 3);
 }
 
+// Two schedulers built from one STEPFLOW_TRACE (the default scheduler and the application's,
+// say) would replace each other's trace: the second one writes a numbered sibling instead.
+TEST(Trace, TwoSchedulersGivenOneTracePathKeepBothTraces) {
+  const std::string path = temp_path("stepflow-trace-shared");  // ends in ".json"
+  const std::string sibling = path.substr(0, path.size() - 5) + ".2.json";
+  {
+    options o = quiet();
+    o.trace_path = path;
+    scheduler first(o);
+    scheduler second(o);
+    EXPECT_EQ(first.trace_path(), path);
+    EXPECT_EQ(second.trace_path(), sibling);
+    first.device("first").add_step_closure(labeled("in first", [] {}));
+    first.device("first").run_step_closures();
+    second.device("second").add_step_closure(labeled("in second", [] {}));
+    second.device("second").run_step_closures();
+  }
+  for (const auto& [file, label] : {std::pair{path, "in first"}, std::pair{sibling, "in second"}}) {
+    std::ifstream in(file);
+    ASSERT_TRUE(in) << file;
+    const nlohmann::json trace = nlohmann::json::parse(in);
+    std::remove(file.c_str());
+    std::set<std::string> names;
+    for (const auto& e : trace.at("traceEvents")) {
+      if (e.at("ph") == "X") names.insert(e.at("name").get<std::string>());
+    }
+    EXPECT_EQ(names, std::set<std::string>{label}) << file;
+  }
+  EXPECT_EQ(scheduler(quiet()).trace_path(), "");
+}
+
 TEST(Trace, AnUnwritablePathFailsTheConstruction) {
   options o = quiet();
   o.trace_path = "/nonexistent-stepflow-dir/trace.json";

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,15 +102,158 @@ TEST(TraceErrors, UnwritablePathThrowsConfigErrorNamingThePathAndTheReason) {
 
 TEST(TraceErrors, AFailingWriteThrowsConfigError) {
   if (!std::filesystem::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
-  // /dev/full opens fine and fails every write with ENOSPC.
+  // /dev/full opens fine and fails every write with ENOSPC. A device gets its one document from
+  // write_final().
+  trace_recorder r("/dev/full");
+  EXPECT_NO_THROW(r.write());
   try {
-    trace_recorder r("/dev/full");
+    r.write_final();
     FAIL() << "no exception";
   } catch (const config_error& e) {
     const std::string what = e.what();
     EXPECT_NE(what.find("/dev/full"), std::string::npos) << what;
     EXPECT_NE(what.find("No space left on device"), std::string::npos) << what;
   }
+}
+
+TEST(TraceErrors, ADirectoryIsRefusedAsATraceFile) {
+  const std::string dir = std::filesystem::temp_directory_path().string();
+  try {
+    trace_recorder r(dir);
+    FAIL() << "no exception";
+  } catch (const config_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(dir), std::string::npos) << what;
+    EXPECT_NE(what.find("Is a directory"), std::string::npos) << what;
+  }
+}
+
+TEST_F(TraceFile, TwoRecordersOfOneFileWriteItAndANumberedSiblingAndKeepTheirOwnEvents) {
+  const std::filesystem::path p(path_);
+  const std::string stem = (p.parent_path() / p.stem()).string();
+  const std::string second = stem + ".2.json";
+  const std::string third = stem + ".3.json";
+  {
+    trace_recorder a(path_);
+    trace_recorder b(path_);
+    // Another spelling of the same file is the same file.
+    trace_recorder c((p.parent_path() / "." / p.filename()).string());
+    EXPECT_EQ(a.path(), path_);
+    EXPECT_EQ(b.path(), second);
+    EXPECT_EQ(c.path(), third);
+    a.complete(a.track("a"), closure_kind::sync, "from a", 1, trace_recorder::now_ns(), 1);
+    b.complete(b.track("b"), closure_kind::sync, "from b", 1, trace_recorder::now_ns(), 1);
+    a.write();
+    b.write();
+    c.write();
+    EXPECT_EQ(events_of(read(), "X").at(0).at("name"), "from a");
+    std::ifstream in(second);
+    const json from_b = json::parse(in);
+    EXPECT_EQ(events_of(from_b, "X").at(0).at("name"), "from b");
+    EXPECT_TRUE(std::filesystem::exists(third));
+    {
+      trace_recorder d(path_);
+      EXPECT_EQ(d.path(), stem + ".4.json");
+      std::filesystem::remove(d.path());
+    }
+  }
+  // Released with their recorders.
+  {
+    trace_recorder again(path_);
+    EXPECT_EQ(again.path(), path_);
+  }
+  std::filesystem::remove(second);
+  std::filesystem::remove(third);
+}
+
+TEST_F(TraceFile, AWriteWithNothingNewLeavesTheFileAlone) {
+  trace_recorder r(path_);
+  const std::uint32_t t = r.track("d");
+  r.complete(t, closure_kind::sync, "x", 1, trace_recorder::now_ns(), 1);
+  r.write();
+  struct stat before {};
+  ASSERT_EQ(::stat(path_.c_str(), &before), 0);
+  r.write();
+  r.write_final();
+  struct stat after {};
+  ASSERT_EQ(::stat(path_.c_str(), &after), 0);
+  EXPECT_EQ(before.st_ino, after.st_ino);  // each version is a new file renamed over the trace
+  r.complete(t, closure_kind::sync, "y", 2, trace_recorder::now_ns(), 1);
+  r.write();
+  ASSERT_EQ(::stat(path_.c_str(), &after), 0);
+  EXPECT_NE(before.st_ino, after.st_ino);
+  EXPECT_EQ(events_of(read(), "X").size(), 2u);
+}
+
+TEST_F(TraceFile, NoTemporaryFileIsLeftNextToTheTrace) {
+  {
+    trace_recorder r(path_);
+    r.complete(r.track("d"), closure_kind::sync, "x", 1, trace_recorder::now_ns(), 1);
+    r.write();
+  }
+  const std::string name = std::filesystem::path(path_).filename().string();
+  for (const auto& entry :
+       std::filesystem::directory_iterator(std::filesystem::path(path_).parent_path())) {
+    const std::string other = entry.path().filename().string();
+    EXPECT_FALSE(other.starts_with("." + name)) << other;
+  }
+}
+
+// A pipe (as with STEPFLOW_TRACE=/dev/stdout piped into a viewer) cannot be rewritten: it gets
+// one document, from write_final(), however often the trace was written before.
+TEST_F(TraceFile, APipeGetsOneDocumentFromTheFinalWrite) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  {
+    trace_recorder r("/proc/self/fd/" + std::to_string(fds[1]));
+    const std::uint32_t t = r.track("d");
+    for (std::uint64_t step = 1; step <= 3; ++step) {
+      r.complete(t, closure_kind::async, "x", step, trace_recorder::now_ns(), 1);
+      r.write();
+    }
+    r.write_final();
+    r.write_final();
+  }
+  ::close(fds[1]);
+  std::string text;
+  char buffer[4096];
+  for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;) {
+    text.append(buffer, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  const json trace = json::parse(text);  // throws unless exactly one document
+  EXPECT_EQ(events_of(trace, "X").size(), 3u);
+}
+
+// Each version goes to a temporary file renamed over the trace, so a reader (a viewer opening the
+// trace while training runs) sees a whole version, never a mix or a prefix.
+TEST_F(TraceFile, AReaderDuringWritesAlwaysSeesAWholeTrace) {
+  trace_recorder r(path_, 20'000);
+  std::atomic<bool> writing{true};
+  std::atomic<int> reads{0};
+  std::thread reader([&] {
+    while (writing.load()) {
+      std::ifstream in(path_);
+      std::stringstream text;
+      text << in.rdbuf();
+      EXPECT_TRUE(json::accept(text.str())) << "read " << reads.load();
+      reads.fetch_add(1);
+    }
+  });
+  // Versions of up to 3.5 MB (1 MB goes to the file at a time), each with one more track: its
+  // metadata comes first, so the rest of the file moves, and the start of one version followed
+  // by the end of the one before is not valid JSON.
+  for (int version = 1; version <= 15; ++version) {
+    const std::uint32_t t = r.track("d" + std::to_string(version));
+    for (int i = 0; i < 2000; ++i) {
+      r.complete(t, closure_kind::sync, "a label long enough to make the events big", 1,
+                 trace_recorder::now_ns(), 1);
+    }
+    r.write();
+    while (reads.load() < version) std::this_thread::yield();
+  }
+  writing = false;
+  reader.join();
 }
 
 TEST_F(TraceFile, WriteTwiceGivesValidJsonBothTimes) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -95,9 +96,16 @@ class scheduler {
   /// set is not one instant. `metrics_report(s.metrics())` prints it. Thread-safe.
   metrics_snapshot metrics() const;
 
-  /// Writes the timeline trace (`options::trace_path`) now; no-op without one. Throws
-  /// `config_error` if the file cannot be written. Thread-safe.
+  /// Writes the timeline trace (`options::trace_path`) now; no-op without one, when nothing was
+  /// recorded since the last write, or when the trace goes to a pipe or device (/dev/stdout),
+  /// which gets one document, at destruction. Throws `config_error` if the file cannot be
+  /// written. Thread-safe.
   void write_trace();
+
+  /// The file the timeline trace goes to: `options::trace_path`, or, when another scheduler of
+  /// this process already writes that file, a numbered sibling ("trace.json" ->
+  /// "trace.2.json"), so neither replaces the other's trace. Empty without a trace.
+  std::string trace_path() const;
 
  private:
   void push_joined(closure&& c);
