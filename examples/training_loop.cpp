@@ -413,6 +413,7 @@ int main(int argc, char** argv) {
     std::vector<device_result> results(static_cast<std::size_t>(cfg.devices));
     mean_loss_log means(cfg.devices);  // outlives the scheduler, hence every closure using it
     stepflow::metrics_snapshot metrics_at_end;
+    std::string trace_path;
     {
       // The scheduler owns the devices and their queues; it starts no thread of its own. With a
       // trace path it creates the trace file now (stepflow::config_error if it cannot).
@@ -442,7 +443,11 @@ int main(int argc, char** argv) {
       // yet (async_closure_error), and writes the trace, if any.
       sched.flush();
       metrics_at_end = sched.metrics();
+      trace_path = sched.trace_path();  // a numbered sibling if another scheduler had the path
     }  // ~scheduler: nothing is left to wait for; it would report closures that never ran.
+    // The last lines may still be in the stream's buffer: a full disk shows only now.
+    metrics.out.close();
+    if (!metrics.out) throw std::runtime_error(fmt::format("cannot write {}", cfg.out));
     const double wall_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -469,9 +474,9 @@ int main(int argc, char** argv) {
     fmt::print("  {} joined closures; mean loss across devices at step {}: {:.4f}\n",
                means.joined_ran(), mean_step, mean);
     fmt::print("  {} lines written to {}\n", lines, cfg.out);
-    if (!opts.trace_path.empty()) {
+    if (!trace_path.empty()) {
       fmt::print("  trace written to {} (open it in https://ui.perfetto.dev or chrome://tracing)\n",
-                 opts.trace_path);
+                 trace_path);
     }
     fmt::print("\n{}", stepflow::metrics_report(metrics_at_end));
 
@@ -481,7 +486,7 @@ int main(int argc, char** argv) {
     bool ok = true;
     if (lines != static_cast<std::uint64_t>(cfg.devices) * steps) {
       fmt::print(stderr, "training_loop: error: expected {} metrics lines, wrote {}\n",
-                 cfg.devices * cfg.steps, lines);
+                 static_cast<std::uint64_t>(cfg.devices) * steps, lines);
       ok = false;
     }
     if (means.joined_ran() != steps || mean_step != steps || mean != expected_mean) {
