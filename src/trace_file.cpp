@@ -38,17 +38,23 @@ std::string numbered(const std::string& name, unsigned k) {
                      std::string_view(name).substr(dot));
 }
 
+// A pipe, terminal, device (or a directory, refused when opened); or a name for an open
+// descriptor (/dev/stdout, /dev/fd/N, /proc/self/fd/N): when that is a regular file (stdout
+// redirected to a log), replacing the name would leave the descriptor's file behind.
 bool is_stream_path(const std::string& path) {
-  if (path.starts_with("/dev/") || path.starts_with("/proc/")) return true;
   struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode);
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return true;
+  if (path.starts_with("/proc/")) return true;
+  struct stat link {};
+  return path.starts_with("/dev/") && ::lstat(path.c_str(), &link) == 0 && S_ISLNK(link.st_mode);
 }
 
 }  // namespace
 
 trace_file::trace_file(const std::string& requested) : path_(requested) {
   if (is_stream_path(requested)) {
-    fd_ = ::open(requested.c_str(), O_WRONLY | O_CLOEXEC);
+    // O_APPEND: a regular file behind /dev/stdout gets the trace after what is there already.
+    fd_ = ::open(requested.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
     if (fd_ < 0) fail("cannot be opened for writing", errno);
     return;
   }

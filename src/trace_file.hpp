@@ -34,8 +34,8 @@ class trace_file {
   /// The file written: the requested path, or the numbered sibling claimed instead.
   const std::string& path() const noexcept { return path_; }
 
-  /// A pipe, terminal or device (anything but a regular file, and any path under /dev or
-  /// /proc): each version is appended, so only one should be written.
+  /// A pipe, terminal or device, or a name of an open descriptor (/dev/stdout, /proc/self/fd/N)
+  /// even when that is a regular file: each version is appended, so only one should be written.
   bool is_stream() const noexcept { return dir_fd_ < 0; }
 
   /// Starts a new version of the file. Not thread-safe (the recorder serialises writes).

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -223,6 +224,33 @@ TEST_F(TraceFile, APipeGetsOneDocumentFromTheFinalWrite) {
   ::close(fds[0]);
   const json trace = json::parse(text);  // throws unless exactly one document
   EXPECT_EQ(events_of(trace, "X").size(), 3u);
+}
+
+// STEPFLOW_TRACE=/dev/stdout with stdout redirected to a log file: the trace is appended to the
+// log, which is neither replaced (that would detach it from the descriptor) nor overwritten.
+TEST_F(TraceFile, StdoutRedirectedToAFileGetsTheTraceAfterWhatIsThere) {
+  const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  const std::string log = "a log line\n";
+  ASSERT_EQ(::write(fd, log.data(), log.size()), static_cast<ssize_t>(log.size()));
+  struct stat before {};
+  ASSERT_EQ(::fstat(fd, &before), 0);
+  {
+    trace_recorder r("/dev/fd/" + std::to_string(fd));
+    r.complete(r.track("d"), closure_kind::sync, "x", 1, trace_recorder::now_ns(), 1);
+    r.write();
+    r.write_final();
+  }
+  ::close(fd);
+  struct stat after {};
+  ASSERT_EQ(::stat(path_.c_str(), &after), 0);
+  EXPECT_EQ(before.st_ino, after.st_ino);
+  std::ifstream in(path_);
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string all = text.str();
+  ASSERT_TRUE(all.starts_with(log)) << all.substr(0, 100);
+  EXPECT_EQ(events_of(json::parse(all.substr(log.size())), "X").size(), 1u);
 }
 
 // Each version goes to a temporary file renamed over the trace, so a reader (a viewer opening the
