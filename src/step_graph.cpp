@@ -143,10 +143,10 @@ void step_graph::collect_and_send_signals() noexcept {
 
 step_graph::signal_batch step_graph::collect_signals_locked() noexcept {
   if (!active_ || stopping_) return {};
-  // With every participant retired there is nobody to wait for, and nothing to join.
-  const bool anyone = std::any_of(participants_.begin(), participants_.end(),
-                                  [](const participant& p) { return !p.retired; });
-  if (!anyone) return {};
+  // With every participant retired nobody is waited for: a wave with joined closures left
+  // completes at once (its retired participants signal it below), but without any, nothing is
+  // collected, or waves would follow each other forever.
+  if (!anyone_left_locked() && joined_.empty()) return {};
   signal_batch signals;
   signals.completes_wave = true;
   for (participant& p : participants_) {
@@ -158,7 +158,13 @@ step_graph::signal_batch step_graph::collect_signals_locked() noexcept {
   }
   // Counted until sent, so that shutdown can wait for signals collected before it began.
   if (signals.count != 0) ++sending_;
+  if (signals.count != 0 && signals.completes_wave) wave_firing_ = true;
   return signals;
+}
+
+bool step_graph::anyone_left_locked() const noexcept {
+  return std::any_of(participants_.begin(), participants_.end(),
+                     [](const participant& p) { return !p.retired; });
 }
 
 void step_graph::send_signals(signal_batch signals) noexcept {
@@ -233,6 +239,7 @@ void step_graph::complete_wave(std::uint64_t wave) noexcept {
     std::lock_guard lock(mutex_);
     completed_wave_ = wave;
     wave_ = wave + 1;
+    wave_firing_ = false;
     for (participant& p : participants_) p.signaled = false;
     signals = collect_signals_locked();
     release = ordering_ == step_ordering::lockstep && !stopping_;
@@ -327,6 +334,9 @@ void step_graph::add_joined(closure&& c) {
       if (frozen_ && !active_ && !stopping_) {
         activate_locked();
         signals = collect_signals_locked();
+      } else if (active_ && !anyone_left_locked()) {
+        // Every participant retired: no step end will collect the signals for it.
+        signals = collect_signals_locked();
       }
     }
   }
@@ -348,9 +358,12 @@ std::optional<async_failure> step_graph::take_failure() {
 bool step_graph::wait_for_joined(const std::chrono::steady_clock::time_point* deadline) {
   std::unique_lock lock(mutex_);
   if (!active_) return true;
-  const std::uint64_t target = min_done_locked();
-  if (target == std::numeric_limits<std::uint64_t>::max()) return true;
-  const auto done = [&] { return completed_wave_ >= target; };
+  const std::uint64_t target = min_done_locked();  // the maximum when nobody is left
+  // Or every participant retired (now or meanwhile): then no wave completes without joined
+  // closures, so the target may never be reached; done once no joined closure is left or running.
+  const auto done = [&] {
+    return completed_wave_ >= target || (!anyone_left_locked() && joined_.empty() && !wave_firing_);
+  };
   if (deadline == nullptr) {
     progress_.wait(lock, done);
     return true;

@@ -108,6 +108,7 @@ class step_graph {
   void complete_wave(std::uint64_t wave) noexcept;
   void release_next_step(std::uint64_t step) noexcept;
   std::uint64_t min_done_locked() const noexcept;
+  bool anyone_left_locked() const noexcept;  // a participant not retired
   std::size_t discard_all_joined_locked(std::vector<closure>& out) noexcept;
 
   tbb::task_arena& arena_;
@@ -136,6 +137,7 @@ class step_graph {
   std::size_t sending_ = 0;           // collected signal batches not yet enqueued
   std::uint64_t wave_ = 1;            // the wave being joined
   std::uint64_t completed_wave_ = 0;  // joined closures of waves <= this ran
+  bool wave_firing_ = false;          // wave_'s signals are all collected; it has not completed
   std::map<std::uint64_t, std::vector<closure>> joined_;
   std::exception_ptr failure_;
   bool failed_ = false;

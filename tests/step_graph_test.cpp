@@ -440,6 +440,67 @@ TEST_P(Joined, NeverRunJoinedClosuresAreReportedAtShutdown) {
   EXPECT_EQ(seen->devices[0].never_run, 1u);
 }
 
+// The end of training: every device retires after its last step end. Nobody is left to wait
+// for, so the last step's joined closure runs (it was lost, and flush() returned without it).
+TEST_P(Joined, WhenTheLastParticipantRetiresThePendingJoinedClosuresStillRun) {
+  testing::watchdog dog(std::chrono::seconds(60), "joined closures after every device retired");
+  for (const auto ordering : {step_ordering::per_device, step_ordering::lockstep}) {
+    options o;
+    o.report_to_stderr = false;
+    o.ordering = ordering;
+    o.participants = {"a", "b"};
+    scheduler s(o);
+    device_context& a = s.device("a");
+    device_context& b = s.device("b");
+    std::atomic<int> joined{0};
+    a.run_step_closures();
+    EXPECT_TRUE(s.retire("a"));
+    b.add_step_closure(run_async, [] { std::this_thread::sleep_for(20ms); });
+    s.add_joined_step_closure([&] { ++joined; });  // joined to step 1
+    b.run_step_closures();
+    EXPECT_TRUE(s.retire("b"));
+    s.flush();
+    EXPECT_EQ(joined.load(), 1);
+    // Added with nobody left: nobody to wait for either.
+    s.add_joined_step_closure([&] { ++joined; });
+    s.flush();
+    EXPECT_EQ(joined.load(), 2);
+    EXPECT_EQ(s.metrics().devices.back().ran_joined, 2u);
+  }
+}
+
+// flush() waits for the joined closures of the steps every participant finished when it was
+// called. The last participant retiring meanwhile must not leave it waiting for a step that can
+// no longer complete.
+TEST_P(Joined, AFlushWaitingWhenTheLastParticipantRetiresReturns) {
+  testing::watchdog dog(std::chrono::seconds(60), "flush while the last participant retires");
+  options o;
+  o.report_to_stderr = false;
+  o.participants = {"a"};
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<bool> started{false};
+  std::atomic<bool> go{false};
+  s.add_joined_step_closure([&] {
+    started = true;
+    while (!go) std::this_thread::sleep_for(1ms);
+  });
+  a.run_step_closures();
+  a.run_step_closures();  // step 2: completes only after step 1's joined closure
+  while (!started) std::this_thread::sleep_for(1ms);
+  std::atomic<bool> flushed{false};
+  std::thread flusher([&] {
+    s.flush();
+    flushed = true;
+  });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(flushed.load()) << "step 1's joined closure is still running";
+  EXPECT_TRUE(s.retire("a"));
+  go = true;
+  flusher.join();  // the watchdog ends a hang
+  EXPECT_TRUE(flushed.load());
+}
+
 STEPFLOW_AT_1_2_4_THREADS(Joined);
 
 class FlowAdapters : public testing::with_tbb_threads {};

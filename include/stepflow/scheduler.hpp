@@ -86,7 +86,8 @@ class scheduler {
 
   /// Takes device `name` out of lockstep ordering and joined closures: the other participants
   /// stop waiting for it, and its own closures are no longer held back. For a device that stops
-  /// stepping. Returns false when it was not participating. Thread-safe.
+  /// stepping. Once every participant retired, joined closures (pending or added later) run
+  /// without waiting for anyone. Returns false when it was not participating. Thread-safe.
   bool retire(std::string_view name);
 
   const stepflow::options& options() const noexcept;
