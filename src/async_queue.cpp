@@ -304,12 +304,13 @@ void async_queue::call_drainer_locked() {
   }
 }
 
-void async_queue::schedule_drainer_locked() {
+void async_queue::schedule_drainer_locked(task_order order) {
   task_pending_ = true;
   tasks_.store(tasks_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
   // The task only claims the drain role; run_drainer_task is noexcept.
-  start_task(arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); });
+  start_task(
+      arena_, drainer_tasks_, [this]() noexcept { run_drainer_task(); }, order);
 }
 
 void async_queue::run_drainer_task() noexcept {
@@ -319,8 +320,18 @@ void async_queue::run_drainer_task() noexcept {
   if (draining_) return;
   draining_ = true;
   std::uint64_t unreported = 0;
+  // Set when it leaves work behind for a wave waiting for a worker: after one batch at least, it
+  // leaves the worker to the wave (see waves_waiting_for_a_worker), and the drainer task that
+  // giving up the role schedules is enqueued behind the wave's task rather than spawned ahead.
+  bool left_for_wave = false;
   for (;;) {
-    unreported = std::max(unreported, drain_locked(lock, [] { return false; }));
+    bool first = true;
+    const auto wave_waits = [&first, &left_for_wave] {
+      left_for_wave = !std::exchange(first, false) &&
+                      waves_waiting_for_a_worker.load(std::memory_order_relaxed) != 0;
+      return left_for_wave;
+    };
+    unreported = std::max(unreported, drain_locked(lock, wave_waits));
     // Lingering, this thread gives the role up: a lingerer that the OS has descheduled (the
     // machine is oversubscribed) must not hold up a producer that needs room, which takes the
     // role after the grace period (`drainer_about_to_start_locked`).
@@ -332,7 +343,9 @@ void async_queue::run_drainer_task() noexcept {
     if (!again || draining_ || !runnable_locked()) break;
     draining_ = true;
   }
-  if (!draining_) release_drain_role_locked();
+  if (!draining_) {
+    release_drain_role_locked(left_for_wave ? task_order::behind_local : task_order::next);
+  }
   lock.unlock();
   report_progress(unreported);
 }
@@ -377,6 +390,12 @@ std::uint64_t async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
   // drainer task and run it nested on this stack.
   tbb::this_task_arena::isolate([&] {
     while (runnable_locked() && !stop()) {
+      if (unreported != 0 && eager_step_reports_.load(std::memory_order_relaxed)) {
+        lock.unlock();
+        report_progress(std::exchange(unreported, 0));
+        lock.lock();
+        continue;  // the report may have started a wave: `stop` looks again
+      }
       queued_batch& front = ring_[ring_head_];
       closure_batch batch = std::move(front.items);
       running_step_ = front.step;
@@ -396,7 +415,7 @@ std::uint64_t async_queue::drain_locked(lock_type& lock, Stop stop) noexcept {
   return unreported;
 }
 
-void async_queue::release_drain_role_locked() noexcept {
+void async_queue::release_drain_role_locked(task_order order) noexcept {
   draining_ = false;
   if (runnable_locked() && !task_pending_) {
     if (lingering_) {
@@ -404,7 +423,7 @@ void async_queue::release_drain_role_locked() noexcept {
       announce_change_locked();
       drainer_called_ns_.store(trace_recorder::now_ns(), std::memory_order_relaxed);
     } else {
-      schedule_drainer_locked();
+      schedule_drainer_locked(order);
     }
   }
   if (waiters_.load() > 0) progress_.notify_all();

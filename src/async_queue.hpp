@@ -30,6 +30,7 @@
 
 #include "adaptive_mutex.hpp"
 #include "closure_batch.hpp"
+#include "start_task.hpp"
 
 namespace stepflow::detail {
 
@@ -119,6 +120,12 @@ class async_queue {
   /// after the listener returned for every step handed over before it. Set before the first
   /// `reserve`.
   void set_step_listener(std::function<void(std::uint64_t)> listener);
+  /// From now on a drainer hands a finished step to the listener before it starts the next
+  /// batch, instead of while that batch runs (which saves a lock round trip per batch). For the
+  /// step graph once it waits on steps: a wave must not wait for the next batch to end.
+  void report_steps_before_next_batch() noexcept {
+    eager_step_reports_.store(true, std::memory_order_relaxed);
+  }
 
   /// The recorded failure, if any, exactly once; the queue then accepts closures again.
   std::optional<async_failure> take_failure();
@@ -157,12 +164,12 @@ class async_queue {
   void note_high_water() noexcept;
   void announce_change_locked() noexcept;
   void call_drainer_locked();
-  void schedule_drainer_locked();
+  void schedule_drainer_locked(task_order order = task_order::next);
   void run_drainer_task() noexcept;
   template <class Stop>
   std::uint64_t drain_locked(lock_type& lock, Stop stop) noexcept;
   bool linger(lock_type& lock, std::uint64_t& unreported) noexcept;
-  void release_drain_role_locked() noexcept;
+  void release_drain_role_locked(task_order order = task_order::next) noexcept;
   template <class Done>
   bool wait_until(lock_type& lock, Done done,
                   const std::chrono::steady_clock::time_point* deadline = nullptr,
@@ -234,6 +241,7 @@ class async_queue {
   std::atomic<std::uint64_t> tasks_{0};  // drainer tasks enqueued (under mutex_)
   // Rarely written:
   alignas(64) std::atomic<bool> has_failure_{false};  // failure_ is set, for a lock-free check
+  std::atomic<bool> eager_step_reports_{false};       // report_steps_before_next_batch()
   std::atomic<int> waiters_{0};
   std::atomic<std::uint64_t> failed_count_{0};
   std::atomic<std::uint64_t> discarded_count_{0};

@@ -35,6 +35,12 @@ inline char tsan_task_handoff_key;
 /// wave) is waiting for.
 inline std::atomic<int> tasks_waiting_for_a_worker{0};
 
+/// The step graph's wave tasks among them. A drainer that keeps finding work leaves between two
+/// batches while this is non-zero: the wave task was spawned on its thread (its put came from
+/// there), and with one worker nobody else would run a step's joined closures before the
+/// device's queue ran dry.
+inline std::atomic<int> waves_waiting_for_a_worker{0};
+
 /// The arena in which this thread runs one of stepflow's own tasks, outside user code; null
 /// everywhere else.
 inline thread_local const tbb::task_arena* own_task_arena = nullptr;
@@ -69,11 +75,18 @@ class user_code_scope {
 /// True on a thread running stepflow's own code in a task of `arena`.
 inline bool in_own_task(const tbb::task_arena& arena) noexcept { return own_task_arena == &arena; }
 
+/// How a task started from one of stepflow's own tasks is queued.
+enum class task_order {
+  next,         // spawned: it runs next on this thread, unless another thread takes it first
+  behind_local  // enqueued: behind what this thread spawned already (a wave it must not delay)
+};
+
 /// Starts `f` as a task of `group` in `arena`: spawned from one of stepflow's own tasks in that
-/// arena, enqueued from anywhere else. `f` must not throw: an exception escaping an enqueued task
-/// aborts the process.
+/// arena (unless `order` says otherwise), enqueued from anywhere else. `f` must not throw: an
+/// exception escaping an enqueued task aborts the process.
 template <class F>
-void start_task(tbb::task_arena& arena, tbb::task_group& group, F f) {
+void start_task(tbb::task_arena& arena, tbb::task_group& group, F f,
+                task_order order = task_order::next) {
   tsan_acquire(&tsan_task_handoff_key);
   tasks_waiting_for_a_worker.fetch_add(1, std::memory_order_relaxed);
   tbb::task_handle task = group.defer([&arena, f = std::move(f)] {
@@ -86,7 +99,7 @@ void start_task(tbb::task_arena& arena, tbb::task_group& group, F f) {
     tsan_release(&tsan_task_handoff_key);
   });
   tsan_release(&tsan_task_handoff_key);
-  if (in_own_task(arena)) {
+  if (order == task_order::next && in_own_task(arena)) {
     // In a fresh isolation region: spawned tasks inherit the spawner's, and a closure of a batch
     // drained later on this stack that waits for its own TBB work could otherwise pick this
     // task up and run it nested inside that wait.

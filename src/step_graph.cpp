@@ -96,6 +96,9 @@ void step_graph::activate_locked() {
   if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
   wave_ = min_done + 1;
   completed_wave_ = min_done;
+  // A step's signal must go out before the device's next batch runs, not while it runs: that
+  // batch could be long, or wait for the step's joined closure.
+  for (participant& p : participants_) p.device->queue().report_steps_before_next_batch();
   const auto predecessors = static_cast<int>(participants_.size());
   // No arena needed here: the graph (built in the constructor) spawns the node's tasks in its own.
   // One node, one graph task per wave: it fires once every participant signalled the wave,
@@ -107,6 +110,7 @@ void step_graph::activate_locked() {
       *graph_, predecessors, [this](const tbb::flow::continue_msg&) {
         tsan_acquire(&tsan_task_handoff_key);  // the put that fired it (send_signals)
         tasks_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);
+        waves_waiting_for_a_worker.fetch_sub(1, std::memory_order_relaxed);
         const own_task_scope own(arena_);
         std::uint64_t wave = 0;
         {
@@ -171,7 +175,10 @@ void step_graph::send_signals(signal_batch signals) noexcept {
   if (signals.count == 0) return;
   // The wave's graph task, from the put that completes the wave until its body starts: a
   // lingering drainer must not hold the worker it waits for.
-  if (signals.completes_wave) tasks_waiting_for_a_worker.fetch_add(1, std::memory_order_relaxed);
+  if (signals.completes_wave) {
+    tasks_waiting_for_a_worker.fetch_add(1, std::memory_order_relaxed);
+    waves_waiting_for_a_worker.fetch_add(1, std::memory_order_relaxed);
+  }
   const auto put = [this, count = signals.count]() noexcept {
     for (std::size_t i = 0; i < count; ++i) join_->try_put(tbb::flow::continue_msg());
   };

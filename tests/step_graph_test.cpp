@@ -440,6 +440,35 @@ TEST_P(Joined, NeverRunJoinedClosuresAreReportedAtShutdown) {
   EXPECT_EQ(seen->devices[0].never_run, 1u);
 }
 
+// Per device, a step's joined closure may run while the device's later steps run; it must not
+// wait until the device's queue runs dry. With one worker, the wave's task was spawned on the
+// very thread that went on to run the device's next batch, and a later closure waiting for the
+// joined closure waited for itself.
+TEST_P(Joined, AJoinedClosureDoesNotWaitForItsDevicesLaterSteps) {
+  testing::watchdog dog(std::chrono::seconds(60), "joined closure behind later steps");
+  options o;
+  o.report_to_stderr = false;
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<bool> joined_ran{false};
+  a.add_step_closure(run_async, [] { std::this_thread::sleep_for(50ms); });
+  s.add_joined_step_closure([&] { joined_ran = true; });
+  a.run_step_closures();
+  std::this_thread::sleep_for(10ms);  // the drainer (a worker, or this thread) runs step 1
+  std::atomic<bool> saw_joined{false};
+  a.add_step_closure(run_async, [&] {
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (!joined_ran && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(100us);
+    }
+    saw_joined = joined_ran.load();
+  });
+  a.run_step_closures();
+  a.flush();
+  s.flush();
+  EXPECT_TRUE(saw_joined.load()) << "step 1's joined closure waited for step 2's closure";
+}
+
 // The end of training: every device retires after its last step end. Nobody is left to wait
 // for, so the last step's joined closure runs (it was lost, and flush() returned without it).
 TEST_P(Joined, WhenTheLastParticipantRetiresThePendingJoinedClosuresStillRun) {
