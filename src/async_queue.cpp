@@ -24,6 +24,11 @@ constexpr std::size_t initial_ring_slots = 8;
 // whenever a worker is a few microseconds late (measured: 40% of them with a bound equal to the
 // step size); one that waits long makes a machine without a free worker crawl.
 constexpr std::uint64_t drainer_start_grace_ns = 50'000;
+
+// A thread waiting on a device that another thread drains looks this often for other devices
+// whose closures wait for a worker (set_stall_helper): the drainer it waits for may be blocked in
+// a closure that waits for one of those.
+constexpr auto stall_help_interval = std::chrono::milliseconds(1);
 // How long a producer short of room spins before it sleeps: room usually appears
 // within microseconds, and sleeping costs a wake-up.
 constexpr std::uint64_t room_spin_ns = 20'000;
@@ -464,21 +469,52 @@ bool async_queue::wait_until(lock_type& lock, Done done,
     // Lockstep.AClosureWaitingForAnotherParticipantsClosureOfItsStepDoesNotStallThatOne hung
     // about once in 300 runs of step_graph_test, two at a time).
     const bool drainer_coming = drainer_about_to_start_locked();
+    bool help = false;
     if (!done() && (draining_ || !runnable_locked() || drainer_coming)) {
       if (drainer_coming) {
         progress_.wait_for(lock, std::chrono::nanoseconds(drainer_start_grace_ns));
       } else if (recheck) {
         progress_.wait_for(lock, std::chrono::milliseconds(1));
-      } else if (deadline == nullptr) {
-        progress_.wait(lock);
+      } else if (!stall_helper_) {
+        if (deadline == nullptr) {
+          progress_.wait(lock);
+        } else {
+          timed_out = progress_.wait_until(lock, *deadline) == std::cv_status::timeout;
+        }
       } else {
-        timed_out = progress_.wait_until(lock, *deadline) == std::cv_status::timeout;
+        // In slices: between two, the wait may be over because other devices made progress
+        // that only this thread could give them.
+        const auto slice_end = std::chrono::steady_clock::now() + stall_help_interval;
+        if (deadline == nullptr || slice_end < *deadline) {
+          help = progress_.wait_until(lock, slice_end) == std::cv_status::timeout;
+        } else {
+          timed_out = progress_.wait_until(lock, *deadline) == std::cv_status::timeout;
+        }
       }
     }
     waiters_.fetch_sub(1);
     if (timed_out && !done()) return false;
+    if (help && !done()) {
+      lock.unlock();
+      stall_helper_();
+      lock.lock();
+    }
   }
   return true;
+}
+
+void async_queue::help_if_stalled() noexcept {
+  lock_type lock(mutex_);
+  // As a waiter decides to drain its own device (wait_until): runnable closures, nobody
+  // draining, and no drainer task or promise fresh enough to be worth waiting for.
+  if (draining_ || !runnable_locked() || drainer_about_to_start_locked()) return;
+  draining_ = true;
+  // One batch: the helper has a wait of its own to go back to.
+  bool first = true;
+  const std::uint64_t done = drain_locked(lock, [&first] { return !std::exchange(first, false); });
+  release_drain_role_locked();
+  lock.unlock();
+  report_progress(done);
 }
 
 void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {

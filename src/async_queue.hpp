@@ -127,6 +127,18 @@ class async_queue {
     eager_step_reports_.store(true, std::memory_order_relaxed);
   }
 
+  /// Called, without the lock, by a thread that has waited on this queue for a while (1 ms) and
+  /// is still waiting: to let it run other devices' closures that wait for a worker
+  /// (`help_if_stalled`), since the drainer it waits for may be blocked in a closure that waits
+  /// for one of them, and with one worker nothing else would run them. Set before first use.
+  void set_stall_helper(std::function<void()> helper) { stall_helper_ = std::move(helper); }
+
+  /// Runs one batch of this queue's closures on the calling thread if they wait for a worker:
+  /// runnable, nobody draining, and no drainer task started within the grace period. For a
+  /// thread waiting on another device (`set_stall_helper`). Precondition: not inside an
+  /// asynchronous closure.
+  void help_if_stalled() noexcept;
+
   /// The recorded failure, if any, exactly once; the queue then accepts closures again.
   std::optional<async_failure> take_failure();
 
@@ -204,6 +216,7 @@ class async_queue {
   std::uint64_t running_step_ = 0;   // step of the batch being run, 0 when none
   std::uint64_t reported_step_ = 0;  // largest step handed to report_progress
   std::function<void(std::uint64_t)> step_listener_;
+  std::function<void()> stall_helper_;  // set before first use, then only read
   bool draining_ = false;               // someone holds the right to run closures
   bool task_pending_ = false;           // a drainer task is enqueued and has not started
   bool lingering_ = false;              // a drainer waits for work without holding the role

@@ -74,11 +74,11 @@ class scheduler_state {
             "stepflow: the device name \"joined\" is reserved: it names the joined closures in "
             "the metrics and in async_closure_error::device()");
       }
-      it = devices_
-               .emplace(std::string(name),
-                        std::make_unique<device_state>(owner_, std::string(name), options_, arena_,
-                                                       graph_, trace_.get()))
-               .first;
+      auto state = std::make_unique<device_state>(owner_, std::string(name), options_, arena_,
+                                                  graph_, trace_.get());
+      device_state* const self = state.get();
+      state->queue().set_stall_helper([this, self] { help_stalled_devices(self); });
+      it = devices_.emplace(std::string(name), std::move(state)).first;
       // Takes part in lockstep and joins unless participation is frozen already.
       graph_.join(*it->second);
     }
@@ -103,6 +103,19 @@ class scheduler_state {
     all.reserve(devices_.size());
     for (auto& [name, device] : devices_) all.push_back(device.get());
     return all;
+  }
+
+  /// Runs a batch of every other device whose closures wait for a worker. For a thread that has
+  /// waited on `waiting` a while (async_queue::set_stall_helper): with one worker, a closure
+  /// blocked on another device's closure holds it, and that closure would never run.
+  void help_stalled_devices(const device_state* waiting) noexcept {
+    try {
+      for (device_state* d : snapshot()) {
+        if (d != waiting) d->queue().help_if_stalled();
+      }
+    } catch (...) {
+      // std::bad_alloc from the snapshot: the waiter just waits another slice.
+    }
   }
 
   void flush() { flush_until(nullptr); }

@@ -17,6 +17,7 @@
 
 #include "support/tbb_threads.hpp"
 #include "support/test_options.hpp"
+#include "support/watchdog.hpp"
 
 namespace stepflow {
 namespace {
@@ -648,6 +649,28 @@ TEST_P(Async, DevicesRunInParallelAndIndependently) {
   EXPECT_EQ(fast_ran.load(), 10) << "a blocked device must not stall another";
   release = true;
   slow.flush();
+}
+
+// With one worker (a 2-core machine), a's closure holds it while it waits for b's closure, whose
+// drainer task never gets a worker. a's flush waits for a's drainer: after a while it runs b's
+// stalled closures itself, or it would wait forever (so would a full queue's step end, and the
+// destructor).
+TEST_P(Async, AFlushOutlastsAClosureWaitingForAnotherDevicesClosure) {
+  testing::watchdog dog(std::chrono::seconds(60), "closure waiting for another device");
+  scheduler s(quiet_options());
+  device_context& a = s.device("a");
+  device_context& b = s.device("b");
+  std::atomic<bool> produced{false};
+  a.add_step_closure(run_async, [&] {
+    while (!produced) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  });
+  b.add_step_closure(run_async, [&] { produced = true; });
+  a.run_step_closures();
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // a's closure holds the worker
+  b.run_step_closures();
+  a.flush();  // the watchdog ends a hang
+  EXPECT_TRUE(produced.load());
+  b.flush();
 }
 
 STEPFLOW_AT_1_2_4_THREADS(Async);
