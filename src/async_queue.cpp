@@ -132,7 +132,7 @@ void async_queue::trace_depth_locked() noexcept {
   }
 }
 
-std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
+std::uint64_t async_queue::reserve(closure_batch& batch, std::uint64_t step) {
   const std::size_t n = batch.size();
   lock_type lock(mutex_);
   last_step_ = std::max(last_step_, step);
@@ -145,7 +145,6 @@ std::uint64_t async_queue::reserve(closure_batch&& batch, std::uint64_t step) {
     const std::uint64_t ticket = reserved_.load(std::memory_order_relaxed);
     const std::uint64_t done = progress_to_report_locked();
     lock.unlock();
-    pool_.release(std::move(batch));  // destroys the closures outside the lock
     report_progress(done);
     return ticket;
   }

@@ -68,7 +68,9 @@ class async_queue {
   /// Places `batch` in the FIFO behind everything reserved before, without blocking, and returns
   /// a ticket for `wait_admitted`. Callers reserve under their own lock so that the FIFO order is
   /// the order they took their batches in. After a failure is recorded and until it is taken,
-  /// reserves nothing: the closures are discarded and counted with the failure.
+  /// reserves nothing: the closures are counted as discarded with the failure and left in
+  /// `batch`, for the caller to destroy with `discard` once it holds no lock of its own (their
+  /// destructors are user code); otherwise `batch` is moved from.
   /// `step` is the device's step number for this batch (non-decreasing across calls), also given
   /// for an empty batch so that step completion can be tracked.
   ///
@@ -77,7 +79,10 @@ class async_queue {
   /// drainer never waits for admission (the next closure to start always fits), so admission only
   /// decides when `wait_admitted` returns. A batch larger than the capacity is handed over piece
   /// by piece this way.
-  std::uint64_t reserve(closure_batch&& batch, std::uint64_t step);
+  std::uint64_t reserve(closure_batch& batch, std::uint64_t step);
+
+  /// Destroys the closures `reserve` left in `batch` and recycles its buffers. Never throws.
+  void discard(closure_batch&& batch) noexcept { pool_.release(std::move(batch)); }
 
   /// Blocks until the closures reserved up to `ticket` are admitted (or discarded), running
   /// closures itself when nobody drains. Inside an asynchronous closure, or for an unbounded

@@ -73,8 +73,11 @@ void device_state::run_step_closures() {
     step_.store(step, std::memory_order_release);
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
-    if (!sync_mode_) ticket = queue_.reserve(std::move(async_batch), step);
+    if (!sync_mode_) ticket = queue_.reserve(async_batch, step);
   }
+  // Left by reserve when discarded behind an unreported failure: destroyed here, outside the
+  // take lock, since their destructors are user code (one may end a step of this device).
+  if (!sync_mode_ && !async_batch.empty()) queue_.discard(std::move(async_batch));
   if (sync_mode_) {
     // The step's closures all ran (or threw) inline: tell the queue the step is done, even
     // when one threw, so joined closures and lockstep see it.
@@ -82,7 +85,7 @@ void device_state::run_step_closures() {
       async_queue& queue;
       closure_batch empty;
       std::uint64_t step;
-      ~mark_done() { queue.reserve(std::move(empty), step); }
+      ~mark_done() { queue.reserve(empty, step); }
     } done{queue_, {}, step};
     run_inline(async_batch, &sync_batch, step);
   } else {

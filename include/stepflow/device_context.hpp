@@ -94,8 +94,10 @@ class device_context {
   /// `flush_for` with an absolute deadline.
   bool flush_until(std::chrono::steady_clock::time_point deadline);
 
-  /// Completed step ends: those that took their closures, including one whose sync closure
-  /// threw; a call that only reported an asynchronous failure does not count.
+  /// Step ends that took their closures, including one whose sync closure threw; a call that
+  /// only reported an asynchronous failure does not count. A step end counts from the moment it
+  /// takes its closures, before it waits for room and runs its sync closures: a sync closure sees
+  /// its own step counted, and another thread may see a step that is still running.
   std::uint64_t step() const noexcept;
 
   /// The scheduler that owns this device.

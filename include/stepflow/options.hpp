@@ -44,7 +44,8 @@ struct options {
   std::size_t max_queue_size = 100;
 
   /// Run asynchronous closures inline at the step end too (before the sync ones, each in the
-  /// order added); their exceptions then propagate like sync ones. For debugging and tests.
+  /// order added); their exceptions then propagate like sync ones. For debugging and tests,
+  /// from one thread per device; lockstep ordering does not apply (docs/semantics.md).
   bool sync_mode = false;
 
   /// Name of the device that `get_device_context()` and the free functions use.
@@ -90,10 +91,10 @@ struct options {
   std::size_t trace_max_events = std::size_t{1} << 20;
 
   /// Measure the closures' run time for the metrics (`run_time_stats`: the exact count and sum,
-  /// from two clock reads per batch, and p50/p99/max from about one closure in 256, at varied gaps, timed alone). Off
-  /// by default because it costs more than 10% of a step of a few small closures, sync or
-  /// lockstep (docs/benchmarks.md, "Metrics overhead"); metrics stay on only below that. Off,
-  /// every `run_time_stats` is zero and `metrics_snapshot::run_time_measured` is false; the
+  /// from two clock reads per batch, and p50/p99/max from about one closure in 256, at varied gaps,
+  /// timed alone). Off by default because it costs more than 10% of a step of a few small closures,
+  /// sync or lockstep (docs/benchmarks.md, "Metrics overhead"); metrics stay on only below that.
+  /// Off, every `run_time_stats` is zero and `metrics_snapshot::run_time_measured` is false; the
   /// counters and the trace are unaffected (a trace times every closure it records).
   bool measure_run_time = false;
 
