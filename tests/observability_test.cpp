@@ -291,6 +291,25 @@ std::string temp_path(const char* name) {
       .string();
 }
 
+options tracing_to(const std::string& path) {
+  options o = quiet();
+  o.trace_path = path;
+  return o;
+}
+
+// The trace file at `path`, parsed, then removed. Throws (failing the test) when there is none or
+// it is not one valid JSON document.
+nlohmann::json take_trace(const std::string& path) {
+  nlohmann::json trace;
+  {
+    std::ifstream in(path);
+    if (!in) throw std::runtime_error("no trace file " + path);
+    trace = nlohmann::json::parse(in);
+  }
+  std::remove(path.c_str());
+  return trace;
+}
+
 // The trace times every closure it records, whether or not the metrics measure run time.
 class TraceWithRunTime : public ::testing::TestWithParam<bool> {};
 
@@ -310,10 +329,7 @@ TEST_P(TraceWithRunTime, RecordsEveryClosureWithItsKindStepAndLabel) {
     }
     s.flush();  // writes the file
   }
-  std::ifstream in(path);
-  ASSERT_TRUE(in) << path;
-  const nlohmann::json trace = nlohmann::json::parse(in);
-  std::remove(path.c_str());
+  const nlohmann::json trace = take_trace(path);
   const auto& events = trace.at("traceEvents");
   std::multiset<std::string> names;
   std::set<std::uint64_t> async_steps;
@@ -353,9 +369,7 @@ TEST(Trace, ADevicesSyncAndAsyncClosuresRunAtOnceGetTracksOfTheirOwnSoNoEventsOv
   // track must nest: Perfetto drops overlapping ones, so both kinds on one track lost events.
   const std::string path = temp_path("stepflow-trace-overlap");
   {
-    options o = quiet();
-    o.trace_path = path;
-    scheduler s(o);
+    scheduler s(tracing_to(path));
     device_context& d = s.device("gpu0");
     std::atomic<bool> async_started{false};
     for (int step = 0; step < 3; ++step) {
@@ -376,10 +390,7 @@ TEST(Trace, ADevicesSyncAndAsyncClosuresRunAtOnceGetTracksOfTheirOwnSoNoEventsOv
     }
     s.flush();
   }
-  std::ifstream in(path);
-  ASSERT_TRUE(in) << path;
-  const nlohmann::json trace = nlohmann::json::parse(in);
-  std::remove(path.c_str());
+  const nlohmann::json trace = take_trace(path);
   std::map<std::uint64_t, std::string> track_names;
   std::map<std::uint64_t, std::vector<std::pair<double, double>>> spans;  // tid -> [ts, end)
   std::map<std::string, std::set<std::uint64_t>> tids_by_kind;
@@ -411,9 +422,7 @@ TEST(Trace, ADevicesSyncAndAsyncClosuresRunAtOnceGetTracksOfTheirOwnSoNoEventsOv
 TEST(Trace, AClosureNodeKeepsTheLabelOfItsFunction) {
   const std::string path = temp_path("stepflow-trace-flow");
   {
-    options o = quiet();
-    o.trace_path = path;
-    scheduler s(o);
+    scheduler s(tracing_to(path));
     device_context& d = s.device("gpu0");
     tbb::flow::graph g;
     auto log = flow::closure_node<int>(g, d, labeled("log_batch", [](const int&) {}));
@@ -425,10 +434,7 @@ TEST(Trace, AClosureNodeKeepsTheLabelOfItsFunction) {
     testing::after_tbb_algorithm();
     s.flush();
   }
-  std::ifstream in(path);
-  ASSERT_TRUE(in) << path;
-  const nlohmann::json trace = nlohmann::json::parse(in);
-  std::remove(path.c_str());
+  const nlohmann::json trace = take_trace(path);
   int labeled_events = 0;
   for (const auto& e : trace.at("traceEvents")) {
     if (e.at("ph") == "X" && e.at("name") == "log_batch") ++labeled_events;
@@ -454,10 +460,7 @@ TEST(Trace, TwoSchedulersGivenOneTracePathKeepBothTraces) {
     second.device("second").run_step_closures();
   }
   for (const auto& [file, label] : {std::pair{path, "in first"}, std::pair{sibling, "in second"}}) {
-    std::ifstream in(file);
-    ASSERT_TRUE(in) << file;
-    const nlohmann::json trace = nlohmann::json::parse(in);
-    std::remove(file.c_str());
+    const nlohmann::json trace = take_trace(file);
     std::set<std::string> names;
     for (const auto& e : trace.at("traceEvents")) {
       if (e.at("ph") == "X") names.insert(e.at("name").get<std::string>());

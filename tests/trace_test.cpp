@@ -89,16 +89,22 @@ TEST_F(TraceFile, ConstructionTruncatesAnExistingFile) {
   EXPECT_NO_THROW(read());
 }
 
-TEST(TraceErrors, UnwritablePathThrowsConfigErrorNamingThePathAndTheReason) {
-  const std::string path = "/nonexistent-dir/x.json";
+// `f()` throws config_error naming `path` and `reason`.
+template <class F>
+void expect_file_error(F f, const std::string& path, const std::string& reason) {
   try {
-    trace_recorder r(path);
-    FAIL() << "no exception";
+    f();
+    ADD_FAILURE() << "no exception";
   } catch (const config_error& e) {
     const std::string what = e.what();
     EXPECT_NE(what.find(path), std::string::npos) << what;
-    EXPECT_NE(what.find("No such file or directory"), std::string::npos) << what;
+    EXPECT_NE(what.find(reason), std::string::npos) << what;
   }
+}
+
+TEST(TraceErrors, UnwritablePathThrowsConfigErrorNamingThePathAndTheReason) {
+  const std::string path = "/nonexistent-dir/x.json";
+  expect_file_error([&] { trace_recorder r(path); }, path, "No such file or directory");
 }
 
 TEST(TraceErrors, AFailingWriteThrowsConfigError) {
@@ -107,26 +113,12 @@ TEST(TraceErrors, AFailingWriteThrowsConfigError) {
   // write_final().
   trace_recorder r("/dev/full");
   EXPECT_NO_THROW(r.write());
-  try {
-    r.write_final();
-    FAIL() << "no exception";
-  } catch (const config_error& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find("/dev/full"), std::string::npos) << what;
-    EXPECT_NE(what.find("No space left on device"), std::string::npos) << what;
-  }
+  expect_file_error([&] { r.write_final(); }, "/dev/full", "No space left on device");
 }
 
 TEST(TraceErrors, ADirectoryIsRefusedAsATraceFile) {
   const std::string dir = std::filesystem::temp_directory_path().string();
-  try {
-    trace_recorder r(dir);
-    FAIL() << "no exception";
-  } catch (const config_error& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find(dir), std::string::npos) << what;
-    EXPECT_NE(what.find("Is a directory"), std::string::npos) << what;
-  }
+  expect_file_error([&] { trace_recorder r(dir); }, dir, "Is a directory");
 }
 
 TEST_F(TraceFile, TwoRecordersOfOneFileWriteItAndANumberedSiblingAndKeepTheirOwnEvents) {
