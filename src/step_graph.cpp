@@ -150,7 +150,7 @@ step_graph::signal_batch step_graph::collect_signals_locked() noexcept {
   // With every participant retired nobody is waited for: a wave with joined closures left
   // completes at once (its retired participants signal it below), but without any, nothing is
   // collected, or waves would follow each other forever.
-  if (!anyone_left_locked() && joined_.empty()) return {};
+  if (!anyone_left_locked() && !joined_pending_locked()) return {};
   signal_batch signals;
   signals.completes_wave = true;
   for (participant& p : participants_) {
@@ -164,6 +164,12 @@ step_graph::signal_batch step_graph::collect_signals_locked() noexcept {
   if (signals.count != 0) ++sending_;
   if (signals.count != 0 && signals.completes_wave) wave_firing_ = true;
   return signals;
+}
+
+bool step_graph::joined_pending_locked() const noexcept {
+  // Keys only grow past wave_ (add_joined never picks a wave already taken), but a stale one
+  // must not make waves without closures follow each other forever.
+  return !joined_.empty() && joined_.rbegin()->first >= wave_;
 }
 
 bool step_graph::anyone_left_locked() const noexcept {
@@ -335,8 +341,15 @@ void step_graph::add_joined(closure&& c) {
       for (const participant& p : participants_) {
         if (!p.retired) min_steps = std::min(min_steps, p.device->step());
       }
-      if (min_steps != std::numeric_limits<std::uint64_t>::max()) step = min_steps + 1;
-      if (active_) step = std::max(step, wave_);
+      if (min_steps != std::numeric_limits<std::uint64_t>::max()) {
+        step = min_steps + 1;
+      } else if (!joined_.empty()) {
+        // Every participant retired: behind the joined closures added before, in add order.
+        step = joined_.rbegin()->first;
+      }
+      // Not a wave whose joined closures were taken already: one added from inside them (with
+      // every participant retired, nothing else keeps it from the running wave).
+      if (active_) step = std::max(step, wave_firing_ ? wave_ + 1 : wave_);
       joined_[step].push_back(std::move(c));
       if (frozen_ && !active_ && !stopping_) {
         activate_locked();
@@ -369,7 +382,8 @@ bool step_graph::wait_for_joined(const std::chrono::steady_clock::time_point* de
   // Or every participant retired (now or meanwhile): then no wave completes without joined
   // closures, so the target may never be reached; done once no joined closure is left or running.
   const auto done = [&] {
-    return completed_wave_ >= target || (!anyone_left_locked() && joined_.empty() && !wave_firing_);
+    return completed_wave_ >= target ||
+           (!anyone_left_locked() && !joined_pending_locked() && !wave_firing_);
   };
   if (deadline == nullptr) {
     progress_.wait(lock, done);

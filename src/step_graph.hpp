@@ -108,7 +108,8 @@ class step_graph {
   void complete_wave(std::uint64_t wave) noexcept;
   void release_next_step(std::uint64_t step) noexcept;
   std::uint64_t min_done_locked() const noexcept;
-  bool anyone_left_locked() const noexcept;  // a participant not retired
+  bool anyone_left_locked() const noexcept;     // a participant not retired
+  bool joined_pending_locked() const noexcept;  // joined closures of waves not completed
   std::size_t discard_all_joined_locked(std::vector<closure>& out) noexcept;
 
   tbb::task_arena& arena_;

@@ -494,8 +494,41 @@ TEST_P(Joined, WhenTheLastParticipantRetiresThePendingJoinedClosuresStillRun) {
     s.add_joined_step_closure([&] { ++joined; });
     s.flush();
     EXPECT_EQ(joined.load(), 2);
-    EXPECT_EQ(s.metrics().devices.back().ran_joined, 2u);
+    // One added from inside another: not to the wave running (its closures were taken), which
+    // made waves without closures follow each other forever.
+    s.add_joined_step_closure([&] {
+      ++joined;
+      s.add_joined_step_closure([&] { ++joined; });
+    });
+    s.flush();
+    EXPECT_EQ(joined.load(), 4);
+    EXPECT_EQ(s.metrics().devices.back().ran_joined, 4u);
   }
+}
+
+// With nobody left to wait for, a joined closure still runs after those added before it.
+TEST_P(Joined, AfterTheLastParticipantRetiredJoinedClosuresStillRunInTheOrderAdded) {
+  testing::watchdog dog(std::chrono::seconds(60), "joined order after every device retired");
+  options o;
+  o.report_to_stderr = false;
+  o.participants = {"a"};
+  scheduler s(o);
+  device_context& a = s.device("a");
+  std::atomic<bool> started{false};
+  std::atomic<bool> go{false};
+  std::vector<int> order;          // joined closures run one at a time
+  s.add_joined_step_closure([&] {  // step 1's: holds the waves back
+    started = true;
+    while (!go) std::this_thread::sleep_for(1ms);
+  });
+  for (int step = 0; step < 3; ++step) a.run_step_closures();
+  while (!started) std::this_thread::sleep_for(1ms);
+  s.add_joined_step_closure([&] { order.push_back(1); });  // step 4's
+  EXPECT_TRUE(s.retire("a"));
+  s.add_joined_step_closure([&] { order.push_back(2); });  // not step 2's: after the one above
+  go = true;
+  s.flush();
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
 }
 
 // flush() waits for the joined closures of the steps every participant finished when it was
