@@ -89,16 +89,8 @@ bool step_graph::retire(const device_state& device) {
 }
 
 void step_graph::activate_locked() {
-  active_ = true;
-  // Before reading `done`: pairs with step_done, which writes `done` before it reads this.
-  active_fast_.store(true);
-  std::uint64_t min_done = min_done_locked();
-  if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
-  wave_ = min_done + 1;
-  completed_wave_ = min_done;
-  // A step's signal must go out before the device's next batch runs, not while it runs: that
-  // batch could be long, or wait for the step's joined closure.
-  for (participant& p : participants_) p.device->queue().report_steps_before_next_batch();
+  // First: if it throws (std::bad_alloc), the graph stays inactive rather than active without a
+  // node.
   const auto predecessors = static_cast<int>(participants_.size());
   // No arena needed here: the graph (built in the constructor) spawns the node's tasks in its own.
   // One node, one graph task per wave: it fires once every participant signalled the wave,
@@ -120,6 +112,16 @@ void step_graph::activate_locked() {
         complete_wave(wave);
         return tbb::flow::continue_msg();
       });
+  active_ = true;
+  // Before reading `done`: pairs with step_done, which writes `done` before it reads this.
+  active_fast_.store(true);
+  std::uint64_t min_done = min_done_locked();
+  if (min_done == std::numeric_limits<std::uint64_t>::max()) min_done = 0;
+  wave_ = min_done + 1;
+  completed_wave_ = min_done;
+  // A step's signal must go out before the device's next batch runs, not while it runs: that
+  // batch could be long, or wait for the step's joined closure.
+  for (participant& p : participants_) p.device->queue().report_steps_before_next_batch();
 }
 
 void step_graph::step_done(std::size_t index, std::uint64_t step) noexcept {
