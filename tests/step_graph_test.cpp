@@ -506,27 +506,44 @@ TEST_P(Joined, WhenTheLastParticipantRetiresThePendingJoinedClosuresStillRun) {
   }
 }
 
-// With nobody left to wait for, a joined closure still runs after those added before it.
-TEST_P(Joined, AfterTheLastParticipantRetiredJoinedClosuresStillRunInTheOrderAdded) {
-  testing::watchdog dog(std::chrono::seconds(60), "joined order after every device retired");
+options only_participant_a() {
   options o;
   o.report_to_stderr = false;
   o.participants = {"a"};
-  scheduler s(o);
-  device_context& a = s.device("a");
+  return o;
+}
+
+// A joined closure that holds the waves back (it is the step's) until released.
+struct holding_joined_closure {
   std::atomic<bool> started{false};
   std::atomic<bool> go{false};
-  std::vector<int> order;          // joined closures run one at a time
-  s.add_joined_step_closure([&] {  // step 1's: holds the waves back
-    started = true;
-    while (!go) std::this_thread::sleep_for(1ms);
-  });
+
+  void add_to(scheduler& s) {
+    s.add_joined_step_closure([this] {
+      started = true;
+      while (!go) std::this_thread::sleep_for(1ms);
+    });
+  }
+  void wait_until_running() const {
+    while (!started) std::this_thread::sleep_for(1ms);
+  }
+  void release() { go = true; }
+};
+
+// With nobody left to wait for, a joined closure still runs after those added before it.
+TEST_P(Joined, AfterTheLastParticipantRetiredJoinedClosuresStillRunInTheOrderAdded) {
+  testing::watchdog dog(std::chrono::seconds(60), "joined order after every device retired");
+  scheduler s(only_participant_a());
+  device_context& a = s.device("a");
+  std::vector<int> order;  // joined closures run one at a time
+  holding_joined_closure step1;
+  step1.add_to(s);
   for (int step = 0; step < 3; ++step) a.run_step_closures();
-  while (!started) std::this_thread::sleep_for(1ms);
+  step1.wait_until_running();
   s.add_joined_step_closure([&] { order.push_back(1); });  // step 4's
   EXPECT_TRUE(s.retire("a"));
   s.add_joined_step_closure([&] { order.push_back(2); });  // not step 2's: after the one above
-  go = true;
+  step1.release();
   s.flush();
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
 }
@@ -536,20 +553,13 @@ TEST_P(Joined, AfterTheLastParticipantRetiredJoinedClosuresStillRunInTheOrderAdd
 // no longer complete.
 TEST_P(Joined, AFlushWaitingWhenTheLastParticipantRetiresReturns) {
   testing::watchdog dog(std::chrono::seconds(60), "flush while the last participant retires");
-  options o;
-  o.report_to_stderr = false;
-  o.participants = {"a"};
-  scheduler s(o);
+  scheduler s(only_participant_a());
   device_context& a = s.device("a");
-  std::atomic<bool> started{false};
-  std::atomic<bool> go{false};
-  s.add_joined_step_closure([&] {
-    started = true;
-    while (!go) std::this_thread::sleep_for(1ms);
-  });
+  holding_joined_closure step1;
+  step1.add_to(s);
   a.run_step_closures();
   a.run_step_closures();  // step 2: completes only after step 1's joined closure
-  while (!started) std::this_thread::sleep_for(1ms);
+  step1.wait_until_running();
   std::atomic<bool> flushed{false};
   std::thread flusher([&] {
     s.flush();
@@ -558,7 +568,7 @@ TEST_P(Joined, AFlushWaitingWhenTheLastParticipantRetiresReturns) {
   std::this_thread::sleep_for(20ms);
   EXPECT_FALSE(flushed.load()) << "step 1's joined closure is still running";
   EXPECT_TRUE(s.retire("a"));
-  go = true;
+  step1.release();
   flusher.join();  // the watchdog ends a hang
   EXPECT_TRUE(flushed.load());
 }
