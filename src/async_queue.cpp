@@ -267,8 +267,13 @@ void async_queue::drain_here() noexcept {
   if (draining_ || !runnable_locked()) return;
   // A lingering drainer sees the role taken when it wakes, and leaves; a pending drainer task
   // finds it taken, or nothing left to run.
+  drain_holding_role(lock, [] { return false; });
+}
+
+template <class Stop>
+void async_queue::drain_holding_role(lock_type& lock, Stop stop) noexcept {
   draining_ = true;
-  const std::uint64_t done = drain_locked(lock, [] { return false; });
+  const std::uint64_t done = drain_locked(lock, stop);
   release_drain_role_locked();
   lock.unlock();
   report_progress(done);
@@ -507,13 +512,9 @@ void async_queue::help_if_stalled() noexcept {
   // As a waiter decides to drain its own device (wait_until): runnable closures, nobody
   // draining, and no drainer task or promise fresh enough to be worth waiting for.
   if (draining_ || !runnable_locked() || drainer_about_to_start_locked()) return;
-  draining_ = true;
   // One batch: the helper has a wait of its own to go back to.
   bool first = true;
-  const std::uint64_t done = drain_locked(lock, [&first] { return !std::exchange(first, false); });
-  release_drain_role_locked();
-  lock.unlock();
-  report_progress(done);
+  drain_holding_role(lock, [&first] { return !std::exchange(first, false); });
 }
 
 void async_queue::run_batch(closure_batch& batch, std::uint64_t step) noexcept {

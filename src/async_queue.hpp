@@ -185,6 +185,10 @@ class async_queue {
   void run_drainer_task() noexcept;
   template <class Stop>
   std::uint64_t drain_locked(lock_type& lock, Stop stop) noexcept;
+  /// Takes the drain role, drains until `stop`, gives the role up, unlocks and reports the
+  /// steps done. Precondition: the role is free and `lock` held.
+  template <class Stop>
+  void drain_holding_role(lock_type& lock, Stop stop) noexcept;
   bool linger(lock_type& lock, std::uint64_t& unreported) noexcept;
   void release_drain_role_locked(task_order order = task_order::next) noexcept;
   template <class Done>

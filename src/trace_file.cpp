@@ -21,13 +21,13 @@ namespace {
 
 // The files claimed by this process's live trace files, as "<dir device>:<dir inode>/<name>", so
 // that two spellings of one path are one claim.
-std::mutex& claims_mutex() {
-  static std::mutex m;
-  return m;
-}
-std::set<std::string>& claims() {
-  static std::set<std::string> s;
-  return s;
+struct claim_registry {
+  std::mutex mutex;
+  std::set<std::string> names;  // guarded by mutex
+};
+claim_registry& claims() {
+  static claim_registry registry;
+  return registry;
 }
 
 // "trace.json", 2 -> "trace.2.json"; "trace", 2 -> "trace.2".
@@ -73,15 +73,16 @@ trace_file::trace_file(const std::string& requested) : path_(requested) {
     fail("cannot be opened for writing", err);
   }
   const std::string base = resolved.filename().string();
-  const std::lock_guard lock(claims_mutex());
+  claim_registry& registry = claims();
+  const std::lock_guard lock(registry.mutex);
   for (unsigned k = 1;; ++k) {
     name_ = k == 1 ? base : numbered(base, k);
     claim_ = fmt::format("{}:{}/{}", dir.st_dev, dir.st_ino, name_);
-    if (!claims().contains(claim_)) break;
+    if (!registry.names.contains(claim_)) break;
   }
   if (name_ != base) path_ = (resolved.parent_path() / name_).string();
   temp_name_ = fmt::format(".{}.{}.tmp", name_, ::getpid());
-  claims().insert(claim_);  // last: nothing after it throws, so the destructor releases it
+  registry.names.insert(claim_);  // last: nothing after it throws, so the destructor releases it
 }
 
 trace_file::~trace_file() {
@@ -91,8 +92,8 @@ trace_file::~trace_file() {
     return;
   }
   {
-    const std::lock_guard lock(claims_mutex());
-    claims().erase(claim_);
+    const std::lock_guard lock(claims().mutex);
+    claims().names.erase(claim_);
   }
   ::close(dir_fd_);
 }
