@@ -1,8 +1,8 @@
 #include "async_queue.hpp"
 
 #include <algorithm>
+#include <new>
 #include <thread>
-
 #include <utility>
 
 #include <oneapi/tbb/info.h>
@@ -191,18 +191,37 @@ void async_queue::wait_admitted_slow(std::uint64_t ticket) {
 }
 
 void async_queue::push_ring_locked(closure_batch&& batch, std::uint64_t step) {
-  if (ring_size_ == ring_.size()) {
-    std::vector<queued_batch> bigger(ring_.size() * 2);
-    for (std::size_t i = 0; i < ring_size_; ++i) {
-      bigger[i] = std::move(ring_[(ring_head_ + i) % ring_.size()]);
-    }
-    ring_ = std::move(bigger);
-    ring_head_ = 0;
-  }
+  // Never full here when the caller made room first (make_room_for_a_batch).
+  if (ring_size_ == ring_.size()) grow_ring_locked();
   queued_batch& slot = ring_[(ring_head_ + ring_size_) % ring_.size()];
   slot.items = std::move(batch);
   slot.step = step;
   ++ring_size_;
+  // Grown now rather than at the next push: by then the caller's step end has taken its
+  // closures and counted its step, and running out of memory would lose them. If it fails here,
+  // the next step end grows the ring before it takes anything.
+  if (ring_size_ == ring_.size()) {
+    try {
+      grow_ring_locked();
+    } catch (const std::bad_alloc&) {
+      ring_needs_room_.store(true, std::memory_order_relaxed);
+    }
+  }
+}
+
+void async_queue::make_room_slow() {
+  lock_type lock(mutex_);
+  if (ring_size_ == ring_.size()) grow_ring_locked();
+  ring_needs_room_.store(false, std::memory_order_relaxed);
+}
+
+void async_queue::grow_ring_locked() {
+  std::vector<queued_batch> bigger(ring_.size() * 2);
+  for (std::size_t i = 0; i < ring_size_; ++i) {
+    bigger[i] = std::move(ring_[(ring_head_ + i) % ring_.size()]);
+  }
+  ring_ = std::move(bigger);
+  ring_head_ = 0;
 }
 
 bool async_queue::runnable_locked() const noexcept {
@@ -618,6 +637,13 @@ std::optional<async_failure> async_queue::take_failure() {
   failure_ = nullptr;
   discarded_since_failure_ = 0;
   return f;
+}
+
+void async_queue::restore_failure(async_failure&& failure) noexcept {
+  lock_type lock(mutex_);
+  failure_ = std::move(failure.error);
+  discarded_since_failure_ += failure.discarded;
+  has_failure_.store(true, std::memory_order_release);
 }
 
 async_queue_counts async_queue::counts() const noexcept {

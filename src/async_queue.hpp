@@ -81,6 +81,13 @@ class async_queue {
   /// by piece this way.
   std::uint64_t reserve(closure_batch& batch, std::uint64_t step);
 
+  /// Makes sure the next `reserve` has a slot for its batch, so that it cannot throw. Call
+  /// under the lock that serialises reserves, before taking the closures: running out of
+  /// memory here (`std::bad_alloc`) costs nothing but the call.
+  void make_room_for_a_batch() {
+    if (ring_needs_room_.load(std::memory_order_relaxed)) make_room_slow();
+  }
+
   /// Destroys the closures `reserve` left in `batch` and recycles its buffers. Never throws.
   void discard(closure_batch&& batch) noexcept { pool_.release(std::move(batch)); }
 
@@ -146,6 +153,10 @@ class async_queue {
 
   /// The recorded failure, if any, exactly once; the queue then accepts closures again.
   std::optional<async_failure> take_failure();
+  /// Puts back a failure taken whose report could not be built (out of memory), so that the
+  /// next report finds it. A failure recorded meanwhile gives way to it (only its discarded
+  /// closures are still counted, with the older failure).
+  void restore_failure(async_failure&& failure) noexcept;
 
   async_queue_counts counts() const noexcept;
 
@@ -174,6 +185,8 @@ class async_queue {
   void wait_admitted_slow(std::uint64_t ticket);
   bool admitted(std::uint64_t ticket) const noexcept;
   void push_ring_locked(closure_batch&& batch, std::uint64_t step);
+  void grow_ring_locked();
+  void make_room_slow();
   bool runnable_locked() const noexcept;
   bool drainer_about_to_start_locked() const noexcept;
   std::uint64_t progress_to_report_locked() noexcept;
@@ -221,6 +234,9 @@ class async_queue {
   std::vector<queued_batch> ring_;
   std::size_t ring_head_ = 0;
   std::size_t ring_size_ = 0;
+  // Set when a push filled the ring and could not grow it (out of memory); then only the
+  // caller of reserve (who alone pushes) grows it, before it takes its closures.
+  std::atomic<bool> ring_needs_room_{false};
   std::uint64_t last_step_ = 0;      // step of the latest reserve
   std::uint64_t running_step_ = 0;   // step of the batch being run, 0 when none
   std::uint64_t reported_step_ = 0;  // largest step handed to report_progress

@@ -64,6 +64,16 @@ class closure_batch {
     size_ += count;
   }
 
+  /// Makes room for `closures` more `add`s and `segments` more segments (from `add` or
+  /// `add_records`), so that those cannot throw. Changes nothing if it throws.
+  void reserve(std::size_t closures, std::size_t segments) {
+    if (closures != 0) held_.reserve(held_.size() + closures);
+    const std::size_t in_use = inline_count_ + more_.size();
+    if (in_use + segments > inline_segments) {
+      more_.reserve(in_use + segments - inline_segments);
+    }
+  }
+
   /// Appends `c` (moved from), held by the batch itself.
   void add(closure&& c) {
     held_.push_back(std::move(c));

@@ -37,12 +37,10 @@ device_state::~device_state() { mark_dead(&context_); }
 
 void device_state::report_async_failure() {
   report_own_async_failure();
-  if (auto failure = graph_.take_failure()) throw_async_closure_error(joined_device_name, *failure);
+  report_failure(graph_, joined_device_name);
 }
 
-void device_state::report_own_async_failure() {
-  if (auto failure = queue_.take_failure()) throw_async_closure_error(name_, *failure);
-}
+void device_state::report_own_async_failure() { report_failure(queue_, name_); }
 
 void device_state::run_step_closures() {
   if (sync_frame::inside(this)) {
@@ -61,10 +59,28 @@ void device_state::run_step_closures() {
   closure_batch sync_batch;
   std::uint64_t step = 0;
   std::uint64_t ticket = 0;
+  // Sync mode: the step's closures all ran (or threw) inline; tell the queue the step is done,
+  // even when one threw, so joined closures and lockstep see it, but only once every earlier
+  // step of this device is done too (another thread may still run one).
+  struct report_inline_step {
+    device_state& device;
+    inline_step_order::entry entry;
+    ~report_inline_step() {
+      if (const std::uint64_t done = device.inline_steps_.end(entry)) {
+        closure_batch empty;
+        device.queue_.reserve(empty, done);
+      }
+    }
+  } inline_step{*this, {}};
   {
     std::lock_guard lock(take_mutex_);
-    take(async_pending_, async_batch);
-    take(sync_pending_, sync_batch);
+    // Room for both kinds, and in the queue, is made before anything is taken: a step end that
+    // runs out of memory throws having taken nothing and counted no step.
+    if (!sync_mode_) queue_.make_room_for_a_batch();
+    pending_closures::take_plan async_plan = prepare_take(async_pending_, async_batch);
+    pending_closures::take_plan sync_plan = prepare_take(sync_pending_, sync_batch);
+    async_pending_.take(async_batch, async_plan);
+    sync_pending_.take(sync_batch, sync_plan);
     // Written under take_mutex_ only: a plain increment, read by metrics.
     taken_.store(taken_.load(std::memory_order_relaxed) + async_batch.size() + sync_batch.size(),
                  std::memory_order_relaxed);
@@ -73,20 +89,16 @@ void device_state::run_step_closures() {
     step_.store(step, std::memory_order_release);
     // Reserved under the take lock, so concurrent step ends queue their batches in the order
     // they took them: FIFO holds across them even when one of them must wait for room.
-    if (!sync_mode_) ticket = queue_.reserve(async_batch, step);
+    if (!sync_mode_) {
+      ticket = queue_.reserve(async_batch, step);
+    } else {
+      inline_steps_.begin(inline_step.entry, step);
+    }
   }
   // Left by reserve when discarded behind an unreported failure: destroyed here, outside the
   // take lock, since their destructors are user code (one may end a step of this device).
   if (!sync_mode_ && !async_batch.empty()) queue_.discard(std::move(async_batch));
   if (sync_mode_) {
-    // The step's closures all ran (or threw) inline: tell the queue the step is done, even
-    // when one threw, so joined closures and lockstep see it.
-    struct mark_done {
-      async_queue& queue;
-      closure_batch empty;
-      std::uint64_t step;
-      ~mark_done() { queue.reserve(empty, step); }
-    } done{queue_, {}, step};
     run_inline(async_batch, &sync_batch, step);
   } else {
     // Handed over before the sync closures run, so the worker starts on them meanwhile.
@@ -99,14 +111,18 @@ void device_state::run_step_closures() {
   }
 }
 
-void device_state::take(pending_closures& lane, closure_batch& out) {
+pending_closures::take_plan device_state::prepare_take(pending_closures& lane, closure_batch& out) {
   // A step that added nothing of this kind costs no trip to the pool.
-  if (!lane.has_untaken()) return;
+  if (!lane.has_untaken()) {
+    pending_closures::take_plan nothing;
+    nothing.nothing = true;
+    return nothing;
+  }
   // The owner's records make one segment, which a batch holds inline; only closures added by
   // other threads are held in the batch's buffers, which come from the pool. (One added between
   // this check and the take costs the batch an allocation, once: the pool keeps it afterwards.)
   if (lane.has_shared_untaken()) out = pool_.acquire();
-  lane.take(out);
+  return lane.prepare_take(out);
 }
 
 void device_state::run_inline(closure_batch& first, closure_batch* second, std::uint64_t step) {

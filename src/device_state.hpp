@@ -13,6 +13,7 @@
 #include "async_queue.hpp"
 #include "closure_batch.hpp"
 #include "closure_observer.hpp"
+#include "inline_step_order.hpp"
 #include "pending_closures.hpp"
 #include "stepflow/device_context.hpp"
 #include "stepflow/metrics.hpp"
@@ -69,7 +70,9 @@ class device_state {
   sync_counts sync_totals() const noexcept;
 
  private:
-  void take(pending_closures& lane, closure_batch& out);
+  /// `lane.prepare_take(out)`, with `out` from the pool when it needs buffers; a plan that
+  /// takes nothing when nothing was added.
+  pending_closures::take_plan prepare_take(pending_closures& lane, closure_batch& out);
   void run_inline(closure_batch& first, closure_batch* second, std::uint64_t step);
 
   device_context context_;
@@ -83,6 +86,7 @@ class device_state {
   pending_closures async_pending_;
   std::mutex take_mutex_;               // one step end takes closures at a time
   std::atomic<std::uint64_t> step_{0};  // written under take_mutex_, read without it
+  inline_step_order inline_steps_;      // sync mode only
 
   // The device's task group for sync work. Isolated: a bound context would attach to the first
   // caller's context and be cancelled when, say, the user's pipeline that called us throws.

@@ -74,16 +74,31 @@ std::uint64_t pending_closures::start_chunk(std::uint64_t word) {
   return tail_chunk_word_;
 }
 
-void pending_closures::take(closure_batch& out) {
+pending_closures::take_plan pending_closures::prepare_take(closure_batch& out) {
+  take_plan plan;
   // The owner's word first: a shared closure added before an owner closure that this step end
   // sees is then seen too (its count was raised before that owner closure was published).
-  std::uint64_t owner_end = published_.load(std::memory_order_acquire);
+  plan.owner_end = published_.load(std::memory_order_acquire);
   if (shared_count_.load(std::memory_order_acquire) != shared_taken_) {
-    std::lock_guard lock(shared_mutex_);
+    plan.shared = std::unique_lock(shared_mutex_);
+    // Room for each shared closure and for the owner's records before it and at the end, a
+    // segment each. (Allocates only when `out` is new or must grow.)
+    out.reserve(shared_.size(), 2 * shared_.size() + 1);
+  } else {
+    out.reserve(0, 1);
+  }
+  return plan;
+}
+
+void pending_closures::take(closure_batch& out, take_plan& plan) noexcept {
+  if (plan.nothing) return;
+  std::uint64_t owner_end = plan.owner_end;
+  if (plan.shared.owns_lock()) {
     shared_.swap(shared_spare_);
     shared_taken_ = shared_count_.load(std::memory_order_relaxed);
     // Under the lock, so every tag taken is at most this word.
     owner_end = published_.load(std::memory_order_acquire);
+    plan.shared.unlock();
   }
   for (tagged& t : shared_spare_) {
     // A tag behind what was taken already: that closure was added while the previous step end
@@ -101,7 +116,7 @@ void pending_closures::take(closure_batch& out) {
   take_owned_upto(owner_end, out);
 }
 
-void pending_closures::take_owned_upto(std::uint64_t word, closure_batch& out) {
+void pending_closures::take_owned_upto(std::uint64_t word, closure_batch& out) noexcept {
   const std::uint64_t taken = owner_taken_.load(std::memory_order_relaxed);
   const std::uint32_t n = (count_of(word) - static_cast<std::uint32_t>(taken)) & count_mask;
   if (n == 0) return;

@@ -40,9 +40,24 @@ class pending_closures : public closure_lane_tail {
     return shared_count_.load(std::memory_order_acquire) != shared_taken_;
   }
 
-  /// Appends every closure added before the call to `out`, in order. One caller at a time
-  /// (the device's take lock); concurrent adds are fine.
-  void take(closure_batch& out);
+  /// A take in two halves, so that a step end can make room for both of its lanes' closures
+  /// before it takes any: running out of memory then leaves every closure pending.
+  struct take_plan {
+    std::unique_lock<std::mutex> shared;  // held: other threads' closures are to be taken
+    std::uint64_t owner_end = 0;          // the owner's word read before the shared count
+    bool nothing = false;                 // the caller saw nothing to take: `take` does nothing
+  };
+  /// First half: when other threads' closures wait, locks them in and makes room for them in
+  /// `out`. Throws (`std::bad_alloc`) having taken nothing.
+  take_plan prepare_take(closure_batch& out);
+  /// Second half: appends every closure added before `prepare_take` to `out`, in order (the
+  /// owner's added since may come too). Never throws.
+  void take(closure_batch& out, take_plan& plan) noexcept;
+  /// Both halves. One caller at a time (the device's take lock); concurrent adds are fine.
+  void take(closure_batch& out) {
+    take_plan plan = prepare_take(out);
+    take(out, plan);
+  }
 
   /// Closures ever added. Exact once adds have stopped; a lower bound while they go on.
   std::uint64_t pushed() const noexcept;
@@ -62,7 +77,7 @@ class pending_closures : public closure_lane_tail {
   /// Seals the chunk being filled, whose records end at `word`, and moves to a new one.
   /// Returns the word the new chunk's first record is added to.
   std::uint64_t start_chunk(std::uint64_t word);
-  void take_owned_upto(std::uint64_t word, closure_batch& out);
+  void take_owned_upto(std::uint64_t word, closure_batch& out) noexcept;
   lane_chunk* new_chunk();
   void recycle(lane_chunk* c) noexcept;
 

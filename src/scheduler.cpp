@@ -138,8 +138,7 @@ class scheduler_state {
     write_trace();
     // Only the first failure is thrown; the others stay recorded for their devices' next call.
     for (device_state* d : all) d->report_own_async_failure();
-    if (auto failure = graph_.take_failure())
-      throw_async_closure_error(joined_device_name, *failure);
+    report_failure(graph_, joined_device_name);
     return true;
   }
 

@@ -377,6 +377,14 @@ std::optional<async_failure> step_graph::take_failure() {
   return f;
 }
 
+void step_graph::restore_failure(async_failure&& failure) noexcept {
+  std::lock_guard lock(mutex_);
+  failure_ = std::move(failure.error);
+  failed_ = true;
+  discarded_since_failure_ += failure.discarded;
+  has_failure_.store(true);
+}
+
 bool step_graph::wait_for_joined(const std::chrono::steady_clock::time_point* deadline) {
   std::unique_lock lock(mutex_);
   if (!active_) return true;

@@ -65,6 +65,8 @@ class step_graph {
   /// Attaches `c` to the first global step that not every participant has ended yet.
   void add_joined(closure&& c);
   std::optional<async_failure> take_failure();
+  /// As `async_queue::restore_failure`.
+  void restore_failure(async_failure&& failure) noexcept;
 
   /// Waits until the joined closures of every global step that all participants finished have
   /// run. With a deadline: false when it passed first.

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -693,6 +694,34 @@ TEST(SyncMode, AsyncClosuresRunInlineFirstAndTheirExceptionsPropagate) {
   d.add_step_closure(run_async, [] { throw std::domain_error("inline"); });
   EXPECT_THROW(d.run_step_closures(), std::domain_error);
   EXPECT_NO_THROW(d.flush());
+}
+
+TEST(SyncMode, AStepIsDoneOnlyOnceEveryEarlierStepOfItsDeviceReturned) {
+  testing::watchdog dog("two overlapping sync-mode step ends of one device");
+  options o = quiet_options();
+  o.sync_mode = true;
+  scheduler s(o);
+  device_context& d = s.device("d");
+  std::atomic<bool> step1_running{false};
+  std::atomic<bool> release{false};
+  std::atomic<bool> step1_returned{false};
+  std::atomic<int> joined_saw{-1};  // then 1 if step 1's closure had returned, else 0
+  s.add_joined_step_closure([&] { joined_saw = step1_returned.load() ? 1 : 0; });
+  d.add_step_closure([&] {
+    step1_running = true;
+    while (!release.load()) std::this_thread::yield();
+    step1_returned = true;
+  });
+  std::thread first([&] { d.run_step_closures(); });
+  while (!step1_running.load()) std::this_thread::yield();
+  d.run_step_closures();  // step 2 returns while step 1's closure still runs
+  // Reporting step 2 done here would start step 1's joined closure at once.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(joined_saw.load(), -1) << "the joined closure of step 1 ran before step 1's closures";
+  release = true;
+  first.join();
+  s.flush();
+  EXPECT_EQ(joined_saw.load(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,35 +19,12 @@
 
 #include "closure_batch.hpp"
 #include "pending_closures.hpp"
-
-namespace {
-
-// Counts every operator new of this binary (the array and nothrow forms call these).
-std::atomic<std::size_t> allocations{0};
-
-void* counted_allocation(std::size_t n, std::size_t alignment) {
-  allocations.fetch_add(1, std::memory_order_relaxed);
-  n = n == 0 ? 1 : n;
-  void* p = alignment <= alignof(std::max_align_t)
-                ? std::malloc(n)
-                : std::aligned_alloc(alignment, (n + alignment - 1) / alignment * alignment);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-
-}  // namespace
-
-void* operator new(std::size_t n) { return counted_allocation(n, 0); }
-void* operator new(std::size_t n, std::align_val_t a) {
-  return counted_allocation(n, static_cast<std::size_t>(a));
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#include "support/counting_new.hpp"
 
 namespace stepflow::detail {
 namespace {
+
+using stepflow::testing::allocations;
 
 void run_all(closure_batch& batch) {
   batch.consume(
