@@ -27,9 +27,11 @@ struct run_async_t {
 inline constexpr run_async_t run_async{};
 
 /// One device's closures. Owned by a `scheduler` (`scheduler::device(name)`); the reference stays
-/// valid until the scheduler is destroyed. Using it afterwards is undefined behaviour; debug
-/// builds (without `NDEBUG`) detect it in `add_step_closure` (the caller's build),
-/// `run_step_closures` and the flushes (the library's) and throw `stepflow::error`; `name`,
+/// valid until the scheduler is destroyed. Using it afterwards is undefined behaviour. A debug
+/// build of the library (without `NDEBUG`; for `add_step_closure` the caller's code must be
+/// built without it too) usually detects it in `add_step_closure`, `run_step_closures` and the
+/// flushes and throws `stepflow::error`. Usually: the check looks the device's address up among
+/// the live ones, so a device of a later scheduler built at the same address passes it. `name`,
 /// `step` and `scheduler` are not checked.
 ///
 /// Every member is thread-safe. Which step a closure belongs to: the first `run_step_closures()`

@@ -1,15 +1,16 @@
 #pragma once
 /// \file
 /// stepflow's exceptions. Every exception stepflow itself throws derives from `stepflow::error`,
-/// except `std::invalid_argument` for a null callable (a precondition on the caller's value, as
-/// the standard library reports it). Exceptions thrown by user closures are never wrapped when a
-/// step end runs them inline; those of asynchronous closures come back nested inside
-/// `async_closure_error`.
+/// except `std::invalid_argument` for a null callable and for the reserved device name `joined`
+/// (preconditions on the caller's values, as the standard library reports them). Exceptions thrown
+/// by user closures are never wrapped when a step end runs them inline; those of asynchronous
+/// closures come back nested inside `async_closure_error`.
 
 #include <cstddef>
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace stepflow {
 

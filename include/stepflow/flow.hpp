@@ -62,10 +62,13 @@ tbb::flow::function_node<T, T> step_end_node(tbb::flow::graph& g, device_context
 ///
 /// `f` is moved into the node once and shared by the closures of every message, not copied per
 /// message: it may be move-only and may keep state from message to message, like a node body.
-/// Its calls never overlap, since one device's closures of one kind run one at a time; it is
-/// destroyed after the node and the last closure that calls it. A null `f` (function pointer,
-/// empty `std::function` or `stepflow::closure`) gets `std::invalid_argument` here, not at the
-/// first message.
+/// With the default `closure_mode::async` (outside sync mode) its calls never overlap, since a
+/// device's asynchronous closures run one at a time. Synchronous closures run on the thread
+/// that ends the step, so two step ends of the device at once (two threads, or a `step_end_node`
+/// with more than serial concurrency) call `f` at the same time: keep its state thread-safe
+/// then. It is destroyed after the node and the last closure that calls it. A null `f` (function
+/// pointer, empty `std::function` or `stepflow::closure`) gets `std::invalid_argument` here, not at
+/// the first message.
 template <class T, class F>
 tbb::flow::function_node<T, T> closure_node(tbb::flow::graph& g, device_context& device, F f,
                                             closure_mode mode = closure_mode::async,

@@ -48,7 +48,8 @@ struct options {
   /// from one thread per device; lockstep ordering does not apply (docs/semantics.md).
   bool sync_mode = false;
 
-  /// Name of the device that `get_device_context()` and the free functions use.
+  /// Name of the device that `get_device_context()` and the free functions use. Not `joined`
+  /// (reserved for the joined closures: the scheduler refuses it with `config_error`).
   std::string default_device = "default";
 
   /// Cross-device ordering of asynchronous closures; see `step_ordering`.
@@ -56,6 +57,7 @@ struct options {
 
   /// The devices that take part in lockstep ordering and joined closures, created with the
   /// scheduler. Empty: every device created before the first step end of any device takes part.
+  /// `joined` may not be one of them (`config_error`).
   std::vector<std::string> participants;
 
   /// How long the oneTBB worker that ran a device's asynchronous closures stays, once they are

@@ -26,8 +26,9 @@ class scheduler {
  public:
   /// Reads nothing but `opts`; `options::from_env()` is the default (and may throw
   /// `config_error`). Throws `config_error` for a value out of its documented range
-  /// (`options::worker_linger`) or a trace file it cannot create. Starts no thread: asynchronous
-  /// closures run on oneTBB's worker pool.
+  /// (`options::worker_linger`, `options::trace_max_events`), the reserved name `joined` as
+  /// `default_device` or a participant, or a trace file it cannot create. Starts no thread:
+  /// asynchronous closures run on oneTBB's worker pool.
   explicit scheduler(const options& opts = options::from_env());
 
   /// Waits for every queued asynchronous closure (running them itself if no worker does), then
@@ -75,7 +76,7 @@ class scheduler {
   template <class F, class... Args>
   void add_joined_step_closure(F&& f, Args&&... args) {
     using D = std::decay_t<F>;
-    detail::check_not_null<D>(f);
+    detail::check_not_null<D>(f, "add_joined_step_closure");
     if constexpr (detail::takes_joined_step<D, Args...>) {
       push_joined(detail::make_closure(detail::with_joined_step<D>{std::forward<F>(f)},
                                        std::forward<Args>(args)...));
