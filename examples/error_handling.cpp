@@ -68,6 +68,13 @@ std::string show(const stepflow::async_closure_error& e) {
   return {};
 }
 
+std::uint64_t failed_async(const stepflow::scheduler& sched, std::string_view device) {
+  for (const stepflow::device_metrics& m : sched.metrics().devices) {
+    if (m.device == device) return m.failed_async;
+  }
+  return 0;
+}
+
 bool starts_with_prefix(const stepflow::async_closure_error& e) {
   return std::string_view(e.what()).starts_with(stepflow::async_failure_prefix);
 }
@@ -102,18 +109,22 @@ void part1_reported_at_next_step_end(stepflow::scheduler& sched) {
   expect(gpu.step() == 3, "three step ends completed");
   go.set_value();
 
-  // Wait until the closure has thrown. stepflow records the failure right after the throw; the
-  // short sleep makes "recorded before step 4 starts" near-certain, so the output is the same on
-  // every run. (Were it recorded later, step 4 would end normally, its async closure would be
-  // discarded behind the failure and step 5 would report it: the checks below accept that too.)
+  // Wait until stepflow has recorded the failure (the metrics count it once it is recorded), so
+  // that step 4 reports it and the output is the same on every run. (Were it recorded later,
+  // step 4 would end normally, its async closure would be discarded behind the failure and a
+  // later step would report it: the checks below accept that too.)
   expect(thrown_signal.wait_for(std::chrono::seconds(10)) == std::future_status::ready,
          "the failing closure ran");
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto recorded_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (failed_async(sched, "gpu0") == 0 && std::chrono::steady_clock::now() < recorded_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 
   // Step 4 (and on, until the error arrives). Each step queues a sync and an async closure.
   int reported_at = 0;
   std::atomic<int> later_async_ran{0};
   for (int step = 4; step <= 6 && reported_at == 0; ++step) {
+    if (step > 4) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     bool sync_ran = false;
     gpu.add_step_closure([&sync_ran, step] {
       sync_ran = true;

@@ -433,6 +433,9 @@ int main(int argc, char** argv) {
             train(device, cfg, metrics, means, result);
           } catch (...) {
             result.error = std::current_exception();
+            // This device ends no more steps: in lockstep the others would wait for it forever
+            // (and so would the joined closures), so it stops taking part.
+            device.scheduler().retire(device.name());
           }
         });
       }
