@@ -51,7 +51,10 @@ if [[ $(id -u) -ne 0 ]]; then
   fi
 fi
 
-"${sudo_cmd[@]}" apt-get update
+# A freshly booted machine's apt-daily or unattended-upgrades may hold apt's locks for a while:
+# wait for them (up to 10 minutes) instead of failing at once.
+apt_wait=(-o DPkg::Lock::Timeout=600)
+"${sudo_cmd[@]}" apt-get "${apt_wait[@]}" update
 "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
-  apt-get install -y --no-install-recommends "${missing[@]}"
+  apt-get "${apt_wait[@]}" install -y --no-install-recommends "${missing[@]}"
 echo "dependencies: installed ${missing[*]}"
