@@ -866,6 +866,11 @@ def main() -> int:
         "metrics": section_metrics(res),
     }
     print(sections["targets"])
+    missing = [name for name, _ in BINARIES if not (args.results / f"{name}.json").exists()]
+    if missing and not args.no_doc:
+        # A partial set would turn every table of the missing binaries into n/a.
+        sys.exit(f"bench_report: no results of {', '.join(missing)} in {args.results}: "
+                 f"docs left alone (run them, or use --no-doc)")
     if args.no_doc:
         for sid, body in sections.items():
             print(f"\n## {sid}\n\n{body}")
