@@ -178,8 +178,9 @@ class closure {
     return ops_ != nullptr && ops_->label != nullptr ? ops_->label(storage_) : nullptr;
   }
 
-  /// Calls the stored callable. Precondition: not empty. May be called more than once; stepflow
-  /// calls each closure exactly once and then destroys it.
+  /// Calls the stored callable, as an rvalue when it can be called so (and a bound call passes
+  /// its arguments as rvalues when it can). Precondition: not empty. stepflow calls each closure
+  /// exactly once and then destroys it; a second call may see what the first moved from.
   void operator()() { ops_->invoke(storage_); }
 
   /// Destroys the stored callable; the closure becomes empty.
