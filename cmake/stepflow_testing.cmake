@@ -4,7 +4,9 @@
 #                     [SOURCES <file>...]     # default: ${CMAKE_CURRENT_SOURCE_DIR}/<name>.cpp
 #                     [LABELS <label>...]     # default: unit   (kinds: unit, stress, example, consumer)
 #                     [TIMEOUT <seconds>]     # default: 120, per discovered test case
-#                     [LIBRARIES <target>...])# extra libraries, e.g. GTest::gmock
+#                     [LIBRARIES <target>...] # extra libraries, e.g. GTest::gmock
+#                     [NO_TEST_WATCHDOG])     # tests that bound themselves (the stress test's
+#                                             # budget); the others each run under a watchdog
 #
 # Builds the executable <name>, links it to stepflow::stepflow, GoogleTest (with gtest_main) and
 # Threads, and registers every TEST/TEST_P in it with CTest through gtest_discover_tests. Discovery
@@ -18,7 +20,7 @@ find_package(GTest REQUIRED)
 find_package(Threads REQUIRED)
 
 function(stepflow_add_test name)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "" "TIMEOUT" "SOURCES;LABELS;LIBRARIES")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_TEST_WATCHDOG" "TIMEOUT" "SOURCES;LABELS;LIBRARIES")
   if(arg_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "stepflow_add_test(${name}): unknown arguments: ${arg_UNPARSED_ARGUMENTS}")
   endif()
@@ -32,6 +34,10 @@ function(stepflow_add_test name)
     set(arg_TIMEOUT 120)
   endif()
 
+  if(NOT arg_NO_TEST_WATCHDOG)
+    # Every test of the binary runs under a watchdog (tests/support/watchdog_listener.cpp).
+    list(APPEND arg_SOURCES "${PROJECT_SOURCE_DIR}/tests/support/watchdog_listener.cpp")
+  endif()
   add_executable(${name} ${arg_SOURCES})
   target_link_libraries(${name} PRIVATE
     stepflow::stepflow GTest::gtest GTest::gtest_main Threads::Threads ${arg_LIBRARIES})

@@ -66,6 +66,10 @@ TEST_P(Lockstep, EightDevicesThousandStepsNeverOverlapSteps) {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   testing::watchdog dog(std::chrono::seconds(120), "8 devices x 1000 lockstep steps");
   global_log log(devices * steps * 3 + steps);
+  // Closures of each step not finished yet, counted up when added: the start order in `log`
+  // alone would not notice a step starting while the one before still runs.
+  std::vector<std::atomic<int>> unfinished(steps + 1);
+  std::atomic<int> started_early{0};  // a step whose closure started before the step before ended
   {
     scheduler s(lockstep_options(16));
     std::vector<device_context*> ds;
@@ -79,9 +83,14 @@ TEST_P(Lockstep, EightDevicesThousandStepsNeverOverlapSteps) {
           const int closures = 1 + static_cast<int>(rng() % 3);
           for (int k = 0; k < closures; ++k) {
             const auto cost = std::chrono::microseconds(rng() % 20);
-            dev.add_step_closure(run_async, [&log, step, d, cost] {
+            unfinished[static_cast<std::size_t>(step)].fetch_add(1);
+            dev.add_step_closure(run_async, [&log, &unfinished, &started_early, step, d, cost] {
               log.record(static_cast<std::uint64_t>(step), d);
+              if (step > 1 && unfinished[static_cast<std::size_t>(step - 1)].load() != 0) {
+                started_early.store(step);
+              }
               busy_wait(cost);
+              unfinished[static_cast<std::size_t>(step)].fetch_sub(1);
             });
           }
           dev.run_step_closures();
@@ -92,6 +101,9 @@ TEST_P(Lockstep, EightDevicesThousandStepsNeverOverlapSteps) {
     s.flush();
   }
   ASSERT_GT(log.size(), static_cast<std::size_t>(devices * steps));
+  EXPECT_EQ(started_early.load(), 0)
+      << "a closure of step " << started_early.load()
+      << " started while a closure of the step before still ran; seed " << seed;
   for (std::size_t i = 1; i < log.size(); ++i) {
     ASSERT_LE(log[i - 1].first, log[i].first)
         << "step " << log[i].first << " of device " << log[i].second << " started before step "
