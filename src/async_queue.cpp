@@ -496,9 +496,7 @@ bool async_queue::wait_until(lock_type& lock, Done done,
     if (!done() && (draining_ || !runnable_locked() || drainer_coming)) {
       if (drainer_coming) {
         progress_.wait_for(lock, std::chrono::nanoseconds(drainer_start_grace_ns));
-      } else if (recheck) {
-        progress_.wait_for(lock, std::chrono::milliseconds(1));
-      } else if (!stall_helper_) {
+      } else if (!recheck && !stall_helper_) {
         if (deadline == nullptr) {
           progress_.wait(lock);
         } else {
@@ -506,10 +504,13 @@ bool async_queue::wait_until(lock_type& lock, Done done,
         }
       } else {
         // In slices: between two, the wait may be over because other devices made progress
-        // that only this thread could give them.
+        // that only this thread could give them, or (recheck) because of progress that is not
+        // announced. A step end waiting for room helps too: the drainer that would make room
+        // may be blocked in a closure that waits for another device's closure.
         const auto slice_end = std::chrono::steady_clock::now() + stall_help_interval;
         if (deadline == nullptr || slice_end < *deadline) {
-          help = progress_.wait_until(lock, slice_end) == std::cv_status::timeout;
+          help = progress_.wait_until(lock, slice_end) == std::cv_status::timeout &&
+                 static_cast<bool>(stall_helper_);
         } else {
           timed_out = progress_.wait_until(lock, *deadline) == std::cv_status::timeout;
         }
