@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/occupy_workers.hpp"
 #include "support/tbb_threads.hpp"
 #include "support/test_options.hpp"
 #include "support/watchdog.hpp"
@@ -661,22 +662,31 @@ TEST_P(Async, DevicesRunInParallelAndIndependently) {
   slow.flush();
 }
 
-// With one worker (a 2-core machine), a's closure holds it while it waits for b's closure, whose
-// drainer task never gets a worker. a's flush waits for a's drainer: after a while it runs b's
-// stalled closures itself, or it would wait forever (so would a full queue's step end, and the
-// destructor).
+// With one worker, a's closure holds it while it waits for b's closure, whose drainer task never
+// gets a worker. a's flush waits for a's drainer: after a while it runs b's stalled closures
+// itself, or it would wait forever (so would a full queue's step end, and the destructor). One
+// worker at every thread limit: stepflow's arena has one at 1 and 2 threads, and at 4 all but
+// one of its three are occupied (occupy_workers), or b's closure would simply run on another.
 TEST_P(Async, AFlushOutlastsAClosureWaitingForAnotherDevicesClosure) {
   testing::watchdog dog(std::chrono::seconds(60), "closure waiting for another device");
   scheduler s(quiet_options());
   device_context& a = s.device("a");
   device_context& b = s.device("b");
+  testing::occupy_workers all_but_one(testing::occupy_workers::worker_count() - 1);
+  std::atomic<bool> a_started{false};
   std::atomic<bool> produced{false};
   a.add_step_closure(run_async, [&] {
+    a_started = true;
     while (!produced) std::this_thread::sleep_for(std::chrono::microseconds(100));
   });
   b.add_step_closure(run_async, [&] { produced = true; });
   a.run_step_closures();
-  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // a's closure holds the worker
+  // a's closure holds the worker from here. (The 10 s are a hang bound, not a timing claim.)
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!a_started.load() && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::yield();
+  }
+  ASSERT_TRUE(a_started.load()) << "premise: the one free worker runs a's closure";
   b.run_step_closures();
   a.flush();  // the watchdog ends a hang
   EXPECT_TRUE(produced.load());

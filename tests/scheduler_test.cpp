@@ -8,6 +8,7 @@
 #include <oneapi/tbb/task_arena.h>
 #include <oneapi/tbb/task_group.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <limits>
@@ -19,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/occupy_workers.hpp"
 #include "support/tbb_threads.hpp"
 #include "support/test_options.hpp"
 #include "support/tsan_handoff.hpp"
@@ -185,23 +187,33 @@ TEST_P(Scheduler, AQueueBoundTooLargeToAddToIsUnboundedInEffect) {
 }
 
 TEST_P(Scheduler, ABoundedFlushGivesUpAtItsDeadlineEvenWhileItRunsClosuresItself) {
-  // With one oneTBB thread no worker exists and the flushing thread runs the closures; it must
-  // still stop once the deadline passed, between two steps' batches.
+  // Every oneTBB worker is occupied, so nobody drains the queue but the flushing thread: it runs
+  // the closures itself, and must still stop once the deadline passed, between two steps'
+  // batches. (A low thread limit is not enough: oneTBB gives stepflow's arena a worker even at 1
+  // thread, and the flush then only waits.)
   testing::watchdog dog(std::chrono::seconds(60), "flush_for behind 20 slow steps");
   scheduler s(quiet_options());
   device_context& d = s.device("d");
+  testing::occupy_workers busy;
   constexpr int steps = 20;
   std::atomic<int> ran{0};
+  std::atomic<int> ran_on_this_thread{0};
+  const std::thread::id flushing_thread = std::this_thread::get_id();
   for (int step = 0; step < steps; ++step) {
     d.add_step_closure(run_async, [&] {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (std::this_thread::get_id() == flushing_thread) ++ran_on_this_thread;
       ++ran;
     });
     d.run_step_closures();
   }
+  EXPECT_EQ(ran.load(), 0) << "a closure ran while every worker was occupied and nobody flushed";
   EXPECT_FALSE(d.flush_for(std::chrono::milliseconds(50)));
+  EXPECT_GE(ran_on_this_thread.load(), 1) << "the bounded flush did not run closures itself";
+  EXPECT_EQ(ran_on_this_thread.load(), ran.load()) << "a closure ran on a worker";
   EXPECT_LT(ran.load(), steps) << "the flush ran every step's closure past its deadline";
   EXPECT_FALSE(s.flush_for(std::chrono::milliseconds(-1))) << "a negative timeout gives up at once";
+  busy.release();
   d.flush();
   EXPECT_EQ(ran.load(), steps);
 }
@@ -319,9 +331,14 @@ TEST_P(Scheduler, StepEndsFromTbbWorkersPipelinesAndArenasWithAFullQueue) {
   EXPECT_EQ(ran.load(), 8 * 20 * 3 + 100 * 2 + 50 * 2);
 }
 
+// The user's pipeline throws while stepflow's drainer task is still waiting for a worker: every
+// worker is occupied, so the filters run on this thread and the task started by the first step
+// end cannot have started yet. Were that task bound to the pipeline's context, the cancellation
+// would skip it and the closures would wait for a flush; they must run with nobody flushing.
 TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
   scheduler s(quiet_options(0));
   device_context& d = s.device("d");
+  std::atomic<int> started{0};
   std::atomic<int> ran{0};
   std::atomic<bool> release{false};
   int produced = 0;
@@ -334,16 +351,26 @@ TEST_P(Scheduler, AThrowingUserPipelineDoesNotCancelQueuedClosures) {
                      tbb::make_filter<int, void>(tbb::filter_mode::serial_in_order, [&](int i) {
                        testing::tbb_body_scope scope;
                        d.add_step_closure(run_async, [&] {
+                         ++started;
                          while (!release.load()) std::this_thread::yield();
                          ++ran;
                        });
                        d.run_step_closures();
                        if (i == 5) throw std::runtime_error("pipeline");
                      });
-  testing::before_tbb_algorithm();
-  EXPECT_THROW(tbb::parallel_pipeline(2, steps), std::runtime_error);
-  testing::after_tbb_algorithm();
+  {
+    testing::occupy_workers busy;
+    testing::before_tbb_algorithm();
+    EXPECT_THROW(tbb::parallel_pipeline(2, steps), std::runtime_error);
+    testing::after_tbb_algorithm();
+    EXPECT_EQ(started.load(), 0) << "premise: no closure started before the pipeline threw";
+  }
   release = true;
+  // No flush: a worker must run them. (The 10 s are a hang bound, not a timing claim.)
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (ran.load() < 6 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  EXPECT_EQ(ran.load(), 6) << "the queued closures were cancelled with the user's pipeline: only "
+                              "a flush would run them";
   d.flush();
   EXPECT_EQ(ran.load(), 6);
 }
@@ -420,6 +447,60 @@ TEST_P(Scheduler, MemoryStaysFlatWhileTheProducerOutpacesTheClosures) {
 }
 
 STEPFLOW_AT_1_2_4_THREADS(Scheduler);
+
+// The premise of every test that needs nobody draining (tests/support/occupy_workers.hpp): while
+// every oneTBB worker is occupied, a queued asynchronous closure runs only when a waiting thread
+// runs it, here the flushing one, at every thread limit (at 1 too, where oneTBB still gives
+// stepflow's arena a worker); once released, workers run them again. Three devices, as many as
+// stepflow's arena has workers at 4 threads; one of them has just had a drainer task, which may
+// still be lingering on its worker when the workers are occupied.
+class OccupyWorkers : public testing::with_tbb_threads {};
+
+TEST_P(OccupyWorkers, WhileHeldOnlyAFlushRunsQueuedClosuresAndOnceReleasedWorkersDo) {
+  scheduler s(quiet_options());
+  std::vector<device_context*> devices;
+  for (const char* name : {"a", "b", "c"}) devices.push_back(&s.device(name));
+  std::atomic<int> warm{0};
+  devices[0]->add_step_closure(run_async, [&] { ++warm; });
+  devices[0]->run_step_closures();
+  while (warm.load() == 0) std::this_thread::yield();
+
+  const std::thread::id this_thread = std::this_thread::get_id();
+  std::vector<std::atomic<int>> ran_here(devices.size());
+  std::atomic<int> ran{0};
+  {
+    testing::occupy_workers busy;
+    EXPECT_EQ(busy.count(), std::max(2, GetParam()) - 1) << "oneTBB's workers at this limit";
+    for (std::size_t i = 0; i < devices.size(); ++i) {
+      devices[i]->add_step_closure(run_async, [&, i] {
+        if (std::this_thread::get_id() == this_thread) ++ran_here[i];
+        ++ran;
+      });
+      devices[i]->run_step_closures();
+    }
+    // Time enough for a free worker, were there one, to run them; with none, no wait is long
+    // enough, so this is not a timing claim.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_EQ(ran.load(), 0) << "a worker ran a queued closure while every worker was occupied";
+    for (std::size_t i = 0; i < devices.size(); ++i) {
+      devices[i]->flush();
+      EXPECT_EQ(ran_here[i].load(), 1) << "device " << i << "'s closure ran on a worker";
+    }
+  }
+  std::atomic<int> ran_on_a_worker{0};
+  devices[1]->add_step_closure(run_async, [&] {
+    if (std::this_thread::get_id() != this_thread) ++ran_on_a_worker;
+  });
+  devices[1]->run_step_closures();
+  // No flush: released, a worker runs it. (The 10 s are a hang bound, not a timing claim.)
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (ran_on_a_worker.load() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(ran_on_a_worker.load(), 1) << "the released workers did not come back";
+}
+
+STEPFLOW_AT_1_2_4_THREADS(OccupyWorkers);
 
 TEST(SchedulerLifetime, UseOfADeviceAfterItsSchedulerIsGoneIsCaughtInDebugBuilds) {
 #ifdef NDEBUG

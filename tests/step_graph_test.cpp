@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/occupy_workers.hpp"
 #include "support/tbb_threads.hpp"
 #include "support/tsan_handoff.hpp"
 #include "support/watchdog.hpp"
@@ -665,17 +666,24 @@ TEST_P(FlowAdapters, AClosureNodeRefusesANullFunctionWhenBuilt) {
   EXPECT_EQ(gpu.step(), 0u);
 }
 
+// The user's graph is cancelled (a body throws) while stepflow's drainer task is still waiting
+// for a worker: every worker is occupied, so the bodies run on this thread, in wait_for_all, and
+// the task started by the first step end cannot have started yet. Were that task bound to the
+// graph's context, the cancellation would skip it and the closures would wait for a flush; they
+// must run with nobody flushing.
 TEST_P(FlowAdapters, ACancelledUserGraphLeavesQueuedClosuresRunning) {
   options o;
   o.report_to_stderr = false;
   scheduler s(o);
   device_context& gpu = s.device("gpu");
+  std::atomic<int> started{0};
   std::atomic<int> ran{0};
   std::atomic<bool> release{false};
   tbb::flow::graph g;
   tbb::flow::function_node<int, int> work(g, tbb::flow::serial, [&](int i) {
     testing::tbb_body_scope scope;
     gpu.add_step_closure(run_async, [&] {
+      ++started;
       while (!release.load()) std::this_thread::yield();
       ++ran;
     });
@@ -683,18 +691,27 @@ TEST_P(FlowAdapters, ACancelledUserGraphLeavesQueuedClosuresRunning) {
     if (i == 3) throw std::runtime_error("user graph failed");
     return i;
   });
-  testing::before_tbb_algorithm();
-  for (int i = 0; i < 4; ++i) work.try_put(i);
   bool threw = false;
-  try {
-    g.wait_for_all();
-  } catch (const std::runtime_error&) {
-    testing::after_tbb_algorithm();  // before touching the exception, thrown on a worker
-    threw = true;
+  {
+    testing::occupy_workers busy;
+    testing::before_tbb_algorithm();
+    for (int i = 0; i < 4; ++i) work.try_put(i);
+    try {
+      g.wait_for_all();
+    } catch (const std::runtime_error&) {
+      testing::after_tbb_algorithm();  // before touching the exception, thrown in a body
+      threw = true;
+    }
+    testing::after_tbb_algorithm();
+    EXPECT_EQ(started.load(), 0) << "premise: no closure started before the graph was cancelled";
   }
-  testing::after_tbb_algorithm();
   EXPECT_TRUE(threw);
   release = true;
+  // No flush: a worker must run them. (The 10 s are a hang bound, not a timing claim.)
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (ran.load() < 4 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  EXPECT_EQ(ran.load(), 4) << "the queued closures were cancelled with the user's graph: only a "
+                              "flush would run them";
   gpu.flush();
   EXPECT_EQ(ran.load(), 4);
 }

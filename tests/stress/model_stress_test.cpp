@@ -8,7 +8,12 @@
 //   - closures that did not run == discarded closures reported + never-run closures reported;
 //   - every failure is reported exactly once (by a step end, a flush or the shutdown report);
 //   - per device, the async closures of one adding thread run in the order that thread added them;
+//   - a joined closure is given its global step (never 0);
+//   - flush() inside an asynchronous closure is refused with stepflow::error (it neither returns
+//     nor reports a failure);
 //   - nothing hangs (a watchdog aborts and prints the seed).
+// The invariants checked where a closure runs each have their own record and message, so a
+// failure says which one broke, and the first closure that saw it.
 //
 // Budget: STEPFLOW_STRESS_SECONDS (default 3). Seed: STEPFLOW_STRESS_SEED (default: time), always
 // printed; a failing seed reproduces the same operation sequences (thread interleavings differ).
@@ -36,6 +41,26 @@ namespace {
 
 struct failure_id {
   std::size_t id;
+};
+
+/// An invariant checked where a closure runs, from any thread: the first closure that saw it
+/// broken, if any.
+class violation {
+ public:
+  void saw(std::size_t closure) {
+    std::size_t none = 0;
+    first_.compare_exchange_strong(none, closure + 1);
+  }
+  /// Fails the test with `what` if the invariant was ever broken.
+  void expect_never(const char* what, std::uint64_t seed) const {
+    const std::size_t first = first_.load();
+    if (first != 0) {
+      ADD_FAILURE() << what << " (first seen by closure " << first - 1 << "); seed " << seed;
+    }
+  }
+
+ private:
+  std::atomic<std::size_t> first_{0};  // closure id + 1; 0: never seen
 };
 
 class model {
@@ -68,7 +93,12 @@ class model {
   }
   void reported(const async_closure_error& e) { reported(e.original(), e.discarded()); }
   void never_run(std::size_t n) { never_run_reported_.fetch_add(n); }
-  void order_broken() { order_broken_ = true; }
+
+  // Invariants checked where closure `id` runs.
+  void fifo_broken(std::size_t id) { fifo_broken_.saw(id); }
+  void joined_without_step(std::size_t id) { joined_without_step_.saw(id); }
+  void flush_inside_async_returned(std::size_t id) { flush_inside_async_returned_.saw(id); }
+  void flush_inside_async_reported(std::size_t id) { flush_inside_async_reported_.saw(id); }
 
   void check(std::uint64_t seed) const {
     const std::size_t n = next_.load();
@@ -87,7 +117,18 @@ class model {
     EXPECT_EQ(thrown_reports, thrown_.load()) << "seed " << seed;
     EXPECT_EQ(not_run, discarded_reported_.load() + never_run_reported_.load())
         << "closures lost or miscounted; seed " << seed;
-    EXPECT_FALSE(order_broken_.load()) << "per-thread FIFO broken; seed " << seed;
+    fifo_broken_.expect_never(
+        "per-thread FIFO broken: an async closure ran after one its thread added later to the "
+        "same device",
+        seed);
+    joined_without_step_.expect_never("a joined closure was given step 0, not its global step",
+                                      seed);
+    flush_inside_async_returned_.expect_never(
+        "flush() inside an async closure returned instead of throwing stepflow::error", seed);
+    flush_inside_async_reported_.expect_never(
+        "flush() inside an async closure reported a failure (async_closure_error) instead of "
+        "being refused with stepflow::error",
+        seed);
   }
 
   std::size_t closures() const { return next_.load(); }
@@ -105,7 +146,10 @@ class model {
   std::atomic<std::size_t> thrown_{0};
   std::atomic<std::size_t> discarded_reported_{0};
   std::atomic<std::size_t> never_run_reported_{0};
-  std::atomic<bool> order_broken_{false};
+  violation fifo_broken_;
+  violation joined_without_step_;
+  violation flush_inside_async_returned_;
+  violation flush_inside_async_reported_;
 };
 
 // Marks its closure destroyed exactly when the closure object is.
@@ -214,7 +258,7 @@ class stress_round {
     const std::size_t id = model_.new_closure();
     scheduler_->add_joined_step_closure([this, t = token(&model_, id), r](std::uint64_t step) {
       model_.ran(t.id);
-      if (step == 0) model_.order_broken();  // a joined closure always knows its step
+      if (step == 0) model_.joined_without_step(t.id);  // a joined closure always knows its step
       switch (r % 8) {
         case 0:
           model_.thrown(t.id);
@@ -244,7 +288,7 @@ class stress_round {
       model_.ran(t.id);
       if (thread < config_.threads) {
         std::int64_t& last = model_.last_seq[dev][static_cast<std::size_t>(thread)];
-        if (last >= seq) model_.order_broken();
+        if (last >= seq) model_.fifo_broken(t.id);
         last = seq;
       }
       switch (r % 20) {
@@ -262,11 +306,12 @@ class stress_round {
           end_step(*devices_[(r / 20) % devices_.size()]);
           break;
         case 4:
+          // flush() inside an async closure must be refused with stepflow::error.
           try {
             devices_[dev]->flush();
-            model_.order_broken();  // flush inside an async closure must be refused
+            model_.flush_inside_async_returned(t.id);
           } catch (const async_closure_error&) {
-            model_.order_broken();
+            model_.flush_inside_async_reported(t.id);
           } catch (const error&) {
           }
           break;
