@@ -5,8 +5,9 @@
 // Async.AFlushOutlastsAClosureWaitingForAnotherDevicesClosure; these are the step end and the
 // destructor.
 //
-// At 4 oneTBB threads stepflow's arena has workers to spare and b's closure may simply run on
-// one of them: there the tests only show that nothing hangs.
+// At 4 oneTBB threads stepflow's arena has workers to spare, and b's closure could simply run on
+// one of them: the tests occupy all workers but one (support/occupy_workers.hpp), so that a's
+// closure holds the last one at every thread limit.
 //
 // a's closure gives up waiting after a bound (a hang bound, not a timing claim: with the helper
 // it waits about a millisecond), so that a missing helper fails the test instead of hanging it.
@@ -19,6 +20,7 @@
 #include <chrono>
 #include <thread>
 
+#include "support/occupy_workers.hpp"
 #include "support/tbb_threads.hpp"
 #include "support/test_options.hpp"
 #include "support/watchdog.hpp"
@@ -76,6 +78,7 @@ class StallHelper : public testing::with_tbb_threads {};
 TEST_P(StallHelper, AStepEndWaitingForRoomRunsAnotherDevicesStalledClosure) {
   testing::watchdog dog(std::chrono::seconds(60), "a step end short of room, helping device b");
   scheduler s(testing::quiet_options(1));
+  const testing::occupy_workers others(testing::occupy_workers::worker_count() - 1);
   device_context& a = s.device("a");
   device_context& b = s.device("b");
   waiting_closure w;
@@ -87,8 +90,8 @@ TEST_P(StallHelper, AStepEndWaitingForRoomRunsAnotherDevicesStalledClosure) {
   a.add_step_closure(run_async, [] {});
   a.run_step_closures();
   EXPECT_TRUE(w.saw_b.load()) << "nobody ran b's closure while a's step end waited for room";
-  if (GetParam() <= 2 && w.saw_b.load()) {
-    // No second worker: the waiting thread itself ran it.
+  // No second worker: the waiting thread itself ran it.
+  if (w.saw_b.load()) {
     EXPECT_EQ(p.on.load(), std::this_thread::get_id());
   }
   s.flush();
@@ -102,6 +105,8 @@ TEST_P(StallHelper, TheDestructorRunsAnotherDevicesStalledClosure) {
   waiting_closure w;
   produced p;
   {
+    // Declared first: the workers stay occupied while the scheduler's destructor runs.
+    const testing::occupy_workers others(testing::occupy_workers::worker_count() - 1);
     scheduler s(testing::quiet_options());
     device_context& a = s.device("a");
     device_context& b = s.device("b");
@@ -111,7 +116,7 @@ TEST_P(StallHelper, TheDestructorRunsAnotherDevicesStalledClosure) {
   EXPECT_TRUE(w.done.load()) << "the destructor returned before a's closure finished";
   EXPECT_TRUE(p.ran.load()) << "the destructor did not run b's closure";
   EXPECT_TRUE(w.saw_b.load()) << "nobody ran b's closure while the destructor waited for a";
-  if (GetParam() <= 2 && w.saw_b.load()) {
+  if (w.saw_b.load()) {
     EXPECT_EQ(p.on.load(), std::this_thread::get_id());
   }
 }
