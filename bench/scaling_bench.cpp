@@ -9,7 +9,11 @@
 //
 // Counters: ns_per_closure; peak_rss_kib (VmHWM after the run, reset to the current RSS before
 // it via /proc/self/clear_refs), rss_before_kib and peak_growth_kib (= peak - before), so growth
-// with the number of steps shows up directly.
+// with the number of steps shows up directly. The devices sweep also reports, for diagnosis,
+// blocked_pct (the step ends' time waiting for room in a full queue, metrics' blocked_ns summed
+// over the devices, as a share of the timed region) and steps_per_task (device steps per oneTBB
+// task started to run them, metrics' async_tasks): they tell a run whose drainer falls behind
+// and takes many queued steps per visit from one where it keeps up and takes them one by one.
 //
 // Target: ns_per_closure within +-25% from 1 to 64 devices and from 1e3 to 1e6 steps; peak
 // memory flat in the number of steps.
@@ -74,6 +78,7 @@ void scaling_devices(benchmark::State& state) {
   }
   sched.flush();
 
+  const stepflow::device_metrics before = sched.metrics().total;
   closure_timer timer;
   timer.start();
   for (auto _ : state) {
@@ -81,9 +86,17 @@ void scaling_devices(benchmark::State& state) {
     sched.flush();
   }
   timer.stop();
+  const stepflow::device_metrics after = sched.metrics().total;
   const std::uint64_t closures =
       static_cast<std::uint64_t>(state.iterations()) * device_steps * per_step;
   timer.report(state, closures);
+  const auto tasks = static_cast<double>(after.async_tasks - before.async_tasks);
+  state.counters["steps_per_task"] =
+      tasks == 0 ? 0.0 : static_cast<double>(after.steps - before.steps) / tasks;
+  state.counters["blocked_pct"] =
+      timer.elapsed_ns() == 0 ? 0.0
+                              : 100.0 * static_cast<double>(after.blocked_ns - before.blocked_ns) /
+                                    static_cast<double>(timer.elapsed_ns());
   memory.report(state);
   std::uint64_t ran = 0;
   for (std::size_t d = 0; d < n_devices; ++d) ran += sinks[d].get() / 2;
