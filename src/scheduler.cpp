@@ -78,7 +78,16 @@ class scheduler_state {
                                                   graph_, trace_.get());
       device_state* const self = state.get();
       state->queue().set_stall_helper([this, self] { help_stalled_devices(self); });
-      it = devices_.emplace(std::string(name), std::move(state)).first;
+      // The new list is built before the device is added, so that running out of memory
+      // leaves both as they were.
+      auto in_order = std::make_shared<std::vector<device_state*>>();
+      in_order->reserve(devices_.size() + 1);
+      const auto next = devices_.lower_bound(name);
+      for (auto i = devices_.begin(); i != next; ++i) in_order->push_back(i->second.get());
+      in_order->push_back(self);
+      for (auto i = next; i != devices_.end(); ++i) in_order->push_back(i->second.get());
+      it = devices_.emplace_hint(next, std::string(name), std::move(state));
+      devices_in_order_ = std::move(in_order);
       // Takes part in lockstep and joins unless participation is frozen already.
       graph_.join(*it->second);
     }
@@ -97,12 +106,12 @@ class scheduler_state {
   }
   const options& opts() const noexcept { return options_; }
 
-  std::vector<device_state*> snapshot() {
+  /// Every device, in name order. Copy on write: waiters take it without allocating (a step end
+  /// that helps other devices must not allocate in steady state, B7), and a device's creation
+  /// replaces it.
+  std::shared_ptr<const std::vector<device_state*>> snapshot() {
     std::lock_guard lock(mutex_);
-    std::vector<device_state*> all;
-    all.reserve(devices_.size());
-    for (auto& [name, device] : devices_) all.push_back(device.get());
-    return all;
+    return devices_in_order_;
   }
 
   /// Runs a batch of every other device whose closures wait for a worker. For a thread that has
@@ -110,11 +119,11 @@ class scheduler_state {
   /// blocked on another device's closure holds it, and that closure would never run.
   void help_stalled_devices(const device_state* waiting) noexcept {
     try {
-      for (device_state* d : snapshot()) {
+      for (device_state* d : *snapshot()) {
         if (d != waiting) d->queue().help_if_stalled();
       }
     } catch (...) {
-      // std::bad_alloc from the snapshot: the waiter just waits another slice.
+      // std::system_error from the scheduler's mutex: the waiter just waits another slice.
     }
   }
 
@@ -126,8 +135,8 @@ class scheduler_state {
           "scheduler::flush() was called from inside an asynchronous closure: it could wait for "
           "itself. Flush from outside the closure");
     }
-    const std::vector<device_state*> all = snapshot();
-    for (device_state* d : all) {
+    const auto all = snapshot();
+    for (device_state* d : *all) {
       if (deadline == nullptr) {
         d->wait_for_async();
       } else if (!d->queue().wait_for_handed_over_until(*deadline)) {
@@ -137,7 +146,7 @@ class scheduler_state {
     if (!graph_.wait_for_joined(deadline)) return false;
     write_trace();
     // Only the first failure is thrown; the others stay recorded for their devices' next call.
-    for (device_state* d : all) d->report_own_async_failure();
+    for (device_state* d : *all) d->report_own_async_failure();
     report_failure(graph_, joined_device_name);
     return true;
   }
@@ -147,7 +156,7 @@ class scheduler_state {
   metrics_snapshot metrics() {
     metrics_snapshot result;
     run_time_histogram::counts merged{};
-    for (device_state* d : snapshot()) {
+    for (device_state* d : *snapshot()) {
       result.devices.push_back(d->metrics());
       d->observer().histogram.add_to(merged);
     }
@@ -199,7 +208,7 @@ class scheduler_state {
     graph_.stop();
     drain_until_quiet(false);
     shutdown_report report;
-    for (device_state* d : snapshot()) {
+    for (device_state* d : *snapshot()) {
       device_shutdown_report r = d->finish_shutdown();
       if (r.unreported_error || r.never_run != 0) report.devices.push_back(std::move(r));
     }
@@ -221,17 +230,18 @@ class scheduler_state {
  private:
   void drain_until_quiet(bool joined_too) noexcept {
     for (;;) {
-      const std::vector<device_state*> all = snapshot();
-      const std::uint64_t before = total_handed_over(all);
+      const auto all = snapshot();
+      const std::uint64_t before = total_handed_over(*all);
       const std::uint64_t joined_before = graph_.completed_step();
-      for (device_state* d : all) d->drain_for_shutdown();
+      for (device_state* d : *all) d->drain_for_shutdown();
       if (joined_too) {
         try {
           graph_.wait_for_joined(nullptr);
         } catch (...) {
         }
       }
-      if (total_handed_over(snapshot()) == before && snapshot().size() == all.size() &&
+      const auto now = snapshot();
+      if (total_handed_over(*now) == before && now->size() == all->size() &&
           graph_.completed_step() == joined_before) {
         return;
       }
@@ -267,6 +277,9 @@ class scheduler_state {
   std::mutex mutex_;
   // std::map: device addresses (and references handed out) must stay stable.
   std::map<std::string, std::unique_ptr<device_state>, std::less<>> devices_;  // guarded
+  // The same devices, replaced whole when one is added (snapshot()); guarded by mutex_.
+  std::shared_ptr<const std::vector<device_state*>> devices_in_order_ =
+      std::make_shared<const std::vector<device_state*>>();
   std::atomic<device_state*> default_device_{nullptr};
 };
 

@@ -183,5 +183,49 @@ TEST(OutOfMemory, AQueueThatCannotGrowLosesNoStepsClosures) {
   for (int i = 0; i < steps; ++i) EXPECT_EQ(log.order[static_cast<std::size_t>(i)], i + 1);
 }
 
+// A step end that waits for room, and meanwhile runs other devices' stalled closures every
+// millisecond (the stall helper), allocates nothing: steady state must not allocate (B7), and a
+// wait must not depend on memory. Before the fifteenth session the helper copied the device
+// list into a new vector each time.
+TEST(OutOfMemory, AStepEndWaitingForRoomAndHelpingOtherDevicesAllocatesNothing) {
+  testing::watchdog dog("a step end waiting for room");
+  scheduler s(testing::quiet_options(/*max_queue_size=*/1));
+  device_context& a = s.device("a");
+  s.device("b");                          // another device: the helper looks at it
+  for (int step = 0; step < 4; ++step) {  // the ring, the pool and the lane grown once
+    a.add_step_closure(run_async, [] {});
+    a.add_step_closure(run_async, [] {});
+    a.run_step_closures();
+  }
+  s.flush();
+  std::atomic<bool> started{false};
+  std::atomic<bool> release{false};
+  a.add_step_closure(run_async, [&] {
+    started = true;
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  });
+  a.run_step_closures();
+  while (!started.load()) std::this_thread::yield();  // the watchdog bounds it
+  a.add_step_closure(run_async, [] {});
+  a.add_step_closure(run_async, [] {});
+  // Lets the step end wait 20 ms: about 20 of the helper's slices. Not a timing claim: a
+  // shorter wait only makes the test weaker.
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    release = true;
+  });
+  bool allocated = false;
+  {
+    // The helper swallows std::bad_alloc (the waiter just waits another slice), so what is
+    // checked is whether the armed allocation happened at all.
+    const failing_allocation first(1);
+    a.run_step_closures();
+    allocated = failing_allocation::happened();
+  }
+  releaser.join();
+  EXPECT_FALSE(allocated) << "the step end allocated while it waited for room";
+  s.flush();
+}
+
 }  // namespace
 }  // namespace stepflow
