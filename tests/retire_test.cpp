@@ -32,6 +32,14 @@ void wait_until(Done done) {
   while (!done()) std::this_thread::yield();
 }
 
+// Ends `steps` steps of `d`, each with one async closure that counts into `ran`.
+void end_counted_steps(device_context& d, int steps, std::atomic<int>& ran) {
+  for (int step = 1; step <= steps; ++step) {
+    d.add_step_closure(run_async, [&ran] { ++ran; });
+    d.run_step_closures();
+  }
+}
+
 class Retire : public testing::with_tbb_threads {};
 
 TEST_P(Retire, ReleasesAStepEndBlockedOnAQueueFullBehindAStoppedParticipant) {
@@ -41,10 +49,7 @@ TEST_P(Retire, ReleasesAStepEndBlockedOnAQueueFullBehindAStoppedParticipant) {
   std::atomic<int> ran{0};
   // Step 1 runs (nothing precedes it). Step 2's closure waits for "stopped" to finish step 1 and
   // fills the queue (bound 1).
-  for (int step = 1; step <= 2; ++step) {
-    fast.add_step_closure(run_async, [&] { ++ran; });
-    fast.run_step_closures();
-  }
+  end_counted_steps(fast, 2, ran);
   // Step 3's closure does not fit: its step end blocks until step 2's closure starts.
   fast.add_step_closure(run_async, [&] { ++ran; });
   std::atomic<bool> returned{false};
@@ -85,10 +90,7 @@ TEST_P(Retire, ReleasesAFlushWaitingForAStoppedParticipant) {
   scheduler s(lockstep(100));
   device_context& fast = s.device("fast");
   std::atomic<int> ran{0};
-  for (int step = 1; step <= 3; ++step) {
-    fast.add_step_closure(run_async, [&] { ++ran; });
-    fast.run_step_closures();
-  }
+  end_counted_steps(fast, 3, ran);
   std::atomic<bool> flushing{false};
   std::atomic<bool> returned{false};
   std::thread flusher([&] {
@@ -114,10 +116,7 @@ TEST_P(Retire, ARetiredDevicesOwnClosuresAreNoLongerHeldBack) {
   scheduler s(lockstep(100));
   device_context& fast = s.device("fast");
   std::atomic<int> ran{0};
-  for (int step = 1; step <= 3; ++step) {
-    fast.add_step_closure(run_async, [&] { ++ran; });
-    fast.run_step_closures();
-  }
+  end_counted_steps(fast, 3, ran);
   EXPECT_FALSE(fast.flush_for(50ms)) << "steps 2 and 3 must wait for the stopped participant";
   EXPECT_TRUE(s.retire("fast"));
   // 20 s bound a hang (below the watchdog's), not a timing claim: it takes microseconds.
